@@ -1,0 +1,60 @@
+"""Stack decoded samples into a batch with per-modality presence masks.
+
+A decoded sample is a dict with `__key__`, `label` (int, -1 when unknown) and, for every modality the
+stream was configured with, either a tensor or None (the sample lacks that modality). A missing
+modality becomes a zero row and `present[modality] = False`, so every batch has the same keys and
+shapes and the towers can mask the absent rows out.
+
+Batch format (B samples):
+    __key__   list[str]
+    label     LongTensor [B]              (-1 where a sample has no label)
+    image     FloatTensor [B, 3, H, W]    )
+    text      LongTensor [B, L]           ) only the configured modalities
+    audio     FloatTensor [B, M, F]       )
+    present   {modality: BoolTensor [B]}
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+MODALITIES = ("image", "text", "audio")
+
+
+def collate(
+    samples: Sequence[Mapping[str, Any]], *, templates: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
+    """Decoded samples -> batch dict (format in the module docstring).
+
+    `templates` gives, per modality, a tensor of the per-sample shape and dtype; it is only needed when
+    every sample of a batch lacks that modality (otherwise the first present sample sets the shape).
+    """
+    if not samples:
+        raise ValueError("collate got an empty list of samples")
+    batch: dict[str, Any] = {
+        "__key__": [str(s["__key__"]) for s in samples],
+        "label": torch.tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long),  # [B]
+        "present": {},
+    }
+    for modality in MODALITIES:
+        if not any(modality in s for s in samples):
+            continue  # the stream was not configured with this modality
+        rows = [s.get(modality) for s in samples]
+        template = next((r for r in rows if r is not None), None)
+        if template is None:
+            template = (templates or {}).get(modality)
+            if template is None:
+                raise ValueError(
+                    f"no sample in batch {batch['__key__'][:3]}... has {modality!r} and no template"
+                )
+        for key, row in zip(batch["__key__"], rows, strict=True):
+            if row is not None and (row.shape != template.shape or row.dtype != template.dtype):
+                raise ValueError(
+                    f"sample {key!r}: {modality} has shape {tuple(row.shape)} {row.dtype}, "
+                    f"expected {tuple(template.shape)} {template.dtype} like the rest of the batch"
+                )
+        zero = torch.zeros_like(template)
+        batch[modality] = torch.stack([zero if r is None else r for r in rows])  # [B, ...]
+        batch["present"][modality] = torch.tensor([r is not None for r in rows], dtype=torch.bool)  # [B]
+    return batch

@@ -1,0 +1,404 @@
+"""The whole run as one typed tree of configs.
+
+Every component owns a ``@dataclass(kw_only=True)`` config. A run is a :class:`RunConfig`, made by a
+preset function (``mmssl/presets.py``) and changed with dotted overrides (``optim.lr=3e-4``) that
+:func:`apply_overrides` parses against the field types. User mistakes raise ``ValueError`` naming the
+field; ``assert`` is kept for programmer invariants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MODALITIES = ("image", "text", "audio")
+
+
+@dataclass(kw_only=True)
+class ImageTowerConfig:
+    """A ViT over square patches of an RGB image."""
+
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 64
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "image_size", "patch_size", "width", "depth", "heads")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"{path}.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        _heads_divide(self, path)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+@dataclass(kw_only=True)
+class TextTowerConfig:
+    """A transformer over open_clip BPE tokens, pooled at the end-of-text token."""
+
+    context_length: int = 16
+    vocab_size: int = 49408  # open_clip's SimpleTokenizer vocabulary
+    width: int = 64
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+    causal: bool = True  # CLIP-style causal attention; bidirectional towers serve masked language modelling
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
+        _heads_divide(self, path)
+
+
+@dataclass(kw_only=True)
+class AudioTowerConfig:
+    """A transformer over patches of a log-mel spectrogram; the mel settings are its input contract."""
+
+    sample_rate: int = 16000
+    clip_seconds: float = 2.0
+    n_fft: int = 400
+    hop_length: int = 160
+    n_mels: int = 32
+    patch_freq: int = 16
+    patch_time: int = 16
+    width: int = 64
+    depth: int = 2
+    heads: int = 2
+    mlp_ratio: float = 4.0
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
+        _positive(self, path, "patch_freq", "patch_time", "width", "depth", "heads")
+        if self.n_mels % self.patch_freq:
+            raise ValueError(f"{path}.n_mels={self.n_mels} is not a multiple of patch_freq={self.patch_freq}")
+        if self.n_frames < self.patch_time:
+            raise ValueError(
+                f"{path}: {self.n_frames} spectrogram frames are fewer than patch_time={self.patch_time}"
+            )
+        _heads_divide(self, path)
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.sample_rate * self.clip_seconds)
+
+    @property
+    def n_frames(self) -> int:
+        # torchaudio's MelSpectrogram(center=True) yields clip_samples // hop + 1 frames
+        return self.clip_samples // self.hop_length + 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along (frequency, time); trailing frames that do not fill a patch are dropped."""
+        return self.n_mels // self.patch_freq, self.n_frames // self.patch_time
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Towers that map each modality into one shared embedding space; a tower set to None is off."""
+
+    embed_dim: int = 64
+    image: ImageTowerConfig | None = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig | None = field(default_factory=TextTowerConfig)
+    audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
+
+    def validate(self, path: str = "model") -> None:
+        _positive(self, path, "embed_dim")
+        towers = self.modalities
+        if len(towers) < 2:
+            raise ValueError(
+                f"{path}: at least two towers are needed for contrastive alignment, got {towers}"
+            )
+        for name in towers:
+            getattr(self, name).validate(f"{path}.{name}")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if getattr(self, m) is not None)
+
+
+@dataclass(kw_only=True)
+class ContrastiveConfig:
+    """InfoNCE between every pair of modalities present in a batch (open_clip's ClipLoss)."""
+
+    weight: float = 1.0
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+    local_loss: bool = False  # True: each rank scores its own rows against all (less memory, same gradient)
+    gather_with_grad: bool = True
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "init_temperature", "max_logit_scale")
+        if self.weight < 0:
+            raise ValueError(f"{path}.weight must be >= 0, got {self.weight}")
+        if 1.0 / self.init_temperature > self.max_logit_scale:
+            raise ValueError(f"{path}: 1/init_temperature exceeds max_logit_scale={self.max_logit_scale}")
+
+
+@dataclass(kw_only=True)
+class ObjectivesConfig:
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+
+    def validate(self, path: str = "objectives") -> None:
+        self.contrastive.validate(f"{path}.contrastive")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where samples come from and how the loader runs; tensor sizes come from the model config."""
+
+    train_shards: str = ""
+    eval_shards: str = ""
+    num_workers: int = 1
+    shuffle_buffer: int = 1000
+
+    def validate(self, path: str = "data") -> None:
+        if not self.train_shards:
+            raise ValueError(
+                f"{path}.train_shards is empty: name the training shards (a dir, glob or brace pattern)"
+            )
+        if self.num_workers < 0:
+            raise ValueError(f"{path}.num_workers must be >= 0, got {self.num_workers}")
+        _positive(self, path, "shuffle_buffer")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up and cosine decay. The batch identity lives here once:
+    global batch = micro_batch_size x grad_accum_steps x world size."""
+
+    micro_batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+
+    def validate(self, path: str = "optim") -> None:
+        _positive(self, path, "micro_batch_size", "grad_accum_steps", "lr", "eps")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"{path}.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError(f"{path}.warmup_steps and {path}.weight_decay must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{path}.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class EngineConfig:
+    """Distribution and precision. Engine settings live in the DeepSpeed JSON; these override them."""
+
+    ds_config: str = "ds_config.json"
+    zero_stage: int | None = None  # None: as the JSON says
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+
+    def validate(self, path: str = "engine") -> None:
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"{path}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 200
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 100
+    eval_at_end: bool = True
+
+    def validate(self, path: str = "train") -> None:
+        _positive(self, path, "steps", "log_every", "ckpt_every")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    batch_size: int = 128
+    match: Literal["auto", "pair", "label"] = "auto"
+    ks: tuple[int, ...] = (1, 5, 10)
+
+    def validate(self, path: str = "eval") -> None:
+        _positive(self, path, "batch_size")
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"{path}.ks must be positive integers, got {self.ks}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    preset: str = "custom"
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> RunConfig:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation helpers
+
+
+def _positive(cfg: Any, path: str, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise ValueError(f"{path}.{name} must be > 0, got {value!r}")
+
+
+def _heads_divide(cfg: Any, path: str) -> None:
+    if cfg.width % cfg.heads:
+        raise ValueError(f"{path}.width={cfg.width} is not divisible by heads={cfg.heads}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dotted overrides and (de)serialisation
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``a.b.c=value`` strings in order. Values parse as JSON where they can (numbers, true/false,
+    null, lists), else as plain strings; each is checked against the field's declared type."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value (for example optim.lr=3e-4)")
+        dotted, raw = item.split("=", 1)
+        *parents, leaf = dotted.strip().split(".")
+        node: Any = cfg
+        walked = []
+        for part in parents:
+            walked.append(part)
+            if not dataclasses.is_dataclass(node) or part not in _field_names(node):
+                raise ValueError(f"unknown config field {'.'.join(walked)!r} in override {item!r}")
+            child = getattr(node, part)
+            if child is None:  # switch a tower that is off back on, with its defaults
+                child = _dataclass_type(_field_types(node)[part])()
+                setattr(node, part, child)
+            node = child
+        if not dataclasses.is_dataclass(node) or leaf not in _field_names(node):
+            raise ValueError(f"unknown config field {dotted!r} in override {item!r}")
+        tp = _field_types(node)[leaf]
+        try:
+            value = _coerce(tp, _parse_value(raw), dotted)
+        except ValueError:
+            value = _coerce(tp, raw, dotted)  # a string field given something that looks like JSON
+        setattr(node, leaf, value)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build a config dataclass from plain data (the inverse of :func:`to_dict`), type-checking leaves."""
+    types_ = _field_types(cls)
+    unknown = set(data) - set(types_)
+    if unknown:
+        raise ValueError(f"unknown config field {(path + '.' if path else '') + sorted(unknown)[0]!r}")
+    kwargs = {
+        name: _coerce(types_[name], value, f"{path}.{name}" if path else name) for name, value in data.items()
+    }
+    return cls(**kwargs)
+
+
+def save_json(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+
+
+def load_json(path: str | Path) -> RunConfig:
+    return from_dict(RunConfig, json.loads(Path(path).read_text()))
+
+
+def _field_names(obj: Any) -> set[str]:
+    return {f.name for f in dataclasses.fields(obj)}
+
+
+def _field_types(cls_or_obj: Any) -> dict[str, Any]:
+    cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
+    return typing.get_type_hints(cls)
+
+
+def _dataclass_type(tp: Any) -> type:
+    for arg in typing.get_args(tp) or (tp,):
+        if dataclasses.is_dataclass(arg):
+            return arg
+    raise AssertionError(f"{tp} holds no dataclass")
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    """Check ``value`` against type ``tp`` and convert where it is lossless (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(arg, value, path)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if errors else f"{path} cannot be {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ValueError(f"{path} must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{path} must be a mapping of fields, got {value!r}")
+        return from_dict(tp, value, path)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{path} must be a finite number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path} must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {tp} at {path}")

@@ -1,0 +1,58 @@
+"""Text tower: a transformer over open_clip BPE tokens, named like open_clip's TextTransformer.
+
+Causal (CLIP) by default, pooled at the end-of-text token, which has the highest id in open_clip's
+vocabulary. With ``causal=False`` attention is bidirectional and padding keys are masked, as masked
+language modelling needs.
+
+Axis legend: B batch, L context length, D width, E embedding, V vocabulary, H heads.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import repeat
+from open_clip.transformer import LayerNorm, Transformer
+from torch import Tensor, nn
+
+from mmssl.config import TextTowerConfig
+
+PAD_ID = 0  # open_clip's tokenizer pads with zeros
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, batch_first=True)
+        self.ln_final = LayerNorm(cfg.width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
+        causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", causal, persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
+
+    def _mask(self, text: Tensor) -> Tensor:
+        if self.cfg.causal:
+            return self.attn_mask  # [L, L]
+        # bidirectional: every query may attend to every non-padding key
+        pad = torch.zeros(text.shape, dtype=self.attn_mask.dtype, device=text.device)
+        pad = pad.masked_fill(text == PAD_ID, float("-inf"))  # [B, L]
+        return repeat(pad, "b k -> (b h) q k", h=self.cfg.heads, q=text.shape[1])  # [B*H, L, L]
+
+    def forward_features(self, text: Tensor) -> Tensor:
+        """Token ids ``[B, L]`` -> token features ``[B, L, D]``."""
+        assert text.shape[1] == self.cfg.context_length, f"text of shape {tuple(text.shape)}"
+        x = self.token_embedding(text)  # [B, L, D]
+        x = self.transformer(x + self.positional_embedding, attn_mask=self._mask(text))
+        return self.ln_final(x)
+
+    def forward_head(self, features: Tensor, text: Tensor) -> Tensor:
+        """Pool at the end-of-text token and project: ``[B, L, D] -> [B, E]``."""
+        eot = features[torch.arange(features.shape[0], device=features.device), text.argmax(dim=-1)]
+        return eot @ self.text_projection
+
+    def forward(self, text: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(text), text)

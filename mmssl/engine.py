@@ -1,0 +1,217 @@
+"""Distribution, precision, optimizer and checkpoints: the ONLY module that imports deepspeed.
+
+The training loop talks to a small :class:`Engine` (call, backward, step, save, load) and never to
+DeepSpeed directly. The same code runs CPU/gloo here and CUDA/NCCL on GPU nodes: DeepSpeed picks its
+accelerator and backend by itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import logger as ds_logger
+from torch import Tensor, nn
+
+from mmssl.config import RunConfig
+
+ds_logger.setLevel(logging.WARNING)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group the launcher set up, or make a one-rank group when run directly."""
+    if "RANK" not in os.environ:  # not started by a launcher: a single process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed(verbose=False)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
+    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run config. The batch identity
+    train_batch = micro x accumulation x world_size is checked here, once."""
+    path = Path(cfg.engine.ds_config)
+    if not path.is_file():
+        raise ValueError(f"engine.ds_config: no DeepSpeed config at {path}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"engine.ds_config: {path} is not valid JSON ({e})") from e
+    micro, accum = cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps
+    ours = {
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "train_batch_size": micro * accum * world_size,
+    }
+    for key, value in ours.items():
+        given = ds.get(key, "auto")
+        if given == "auto":
+            ds[key] = value
+        elif given != value:
+            raise ValueError(
+                f"{path}: {key}={given} disagrees with the run config (micro_batch_size={micro} x "
+                f'grad_accum_steps={accum} x world_size={world_size} gives {key}={value}); set it to "auto"'
+            )
+    if cfg.engine.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+    precision = cfg.engine.precision
+    bf16 = ds.setdefault("bf16", {})
+    if precision != "auto":
+        bf16["enabled"] = precision == "bf16"
+    elif bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = torch.cuda.is_available()  # no hardware bf16 on CPU here: ~100x slower matmuls
+    return ds
+
+
+def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings' scalars and temperatures (ndim < 2)."""
+    decay, no_decay = [], []
+    for p in task.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    o = cfg.optim
+    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if torch.cuda.is_available():
+        from deepspeed.ops.adam import FusedAdam
+
+        return FusedAdam(groups, adam_w_mode=True, **kwargs)
+    # On CPU a plain torch AdamW avoids building DeepSpeed's C++ Adam (about two minutes, once per machine)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+def lr_lambda(cfg: RunConfig):
+    warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class Engine:
+    """A DeepSpeed engine around the task, behind the few calls the training loop needs."""
+
+    def __init__(self, task: nn.Module, cfg: RunConfig, info: DistInfo):
+        self.info = info
+        self.ds_config = resolve_ds_config(cfg, info.world_size)
+        optimizer = build_optimizer(task, cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=task,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    @property
+    def zero_stage(self) -> int:
+        return self.ds.zero_optimization_stage()
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        return self.ds(batch)
+
+    def backward(self, loss: Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        """Step the optimizer at an accumulation boundary; returns whether it stepped."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.step()
+        return boundary
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    @property
+    def lr(self) -> float:
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, ckpt_dir: str | Path, step: int, client_state: dict[str, Any]) -> str:
+        tag = f"step_{step:08d}"
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        return tag
+
+    def load(self, ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Any]:
+        """Load module, optimizer, scheduler and client state; ``tag=None`` reads DeepSpeed's ``latest``."""
+        path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
+        if path is None:
+            raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir} (tag {tag or 'latest'})")
+        return client_state
+
+
+def latest_tag(ckpt_dir: str | Path) -> str:
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.is_file():
+        raise FileNotFoundError(f"{ckpt_dir} has no 'latest' checkpoint pointer")
+    return latest.read_text().strip()
+
+
+def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
+    """fp32 weights of the whole task from a checkpoint of any ZeRO stage, in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag or latest_tag(ckpt_dir))
+
+
+def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:
+    """Average scalars over ranks and bring them to the host (one sync; call on logging steps only)."""
+    names = list(values)
+    stacked = torch.stack([values[n].detach().float() for n in names])
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return dict(zip(names, stacked.tolist(), strict=True))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,115 @@
+"""The training loop: fetch a batch, forward, loss, backward, step; logging, checkpoints and the final
+evaluation on their own cadence. Runs identically on 1 or N ranks; the launcher decides which.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmssl import data, engine, evaluate, report
+from mmssl.config import RunConfig, save_json
+from mmssl.runlog import RunLog
+from mmssl.task import Task
+
+
+def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    out = {}
+    for name, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            out[name] = value.to(dtype) if value.is_floating_point() else value
+        else:
+            out[name] = value
+    return out
+
+
+def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
+    info = engine.init_distributed()
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+    task = Task(cfg, rank=info.rank, world_size=info.world_size)
+    eng = engine.Engine(task, cfg, info)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_json(cfg, run_dir / "config.json")
+        (run_dir / "ds_config.json").write_text(json.dumps(eng.ds_config, indent=2) + "\n")
+
+    step = 0
+    if resume:
+        state = eng.load(ckpt_dir, None if resume == "latest" else resume)
+        step = int(state["step"])
+    samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
+    log = RunLog(run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step)
+    log.write(
+        f"training {cfg.preset}: {sum(p.numel() for p in task.parameters()) / 1e6:.2f}M parameters, "
+        f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{eng.zero_stage}, "
+        f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}"
+    )
+    # A resumed run reseeds the stream so it does not replay the samples it began with.
+    batches = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step)
+
+    start, first_loss, last = time.perf_counter(), None, {}
+    eng.train()
+    for batch in batches:
+        if step >= cfg.train.steps:
+            break
+        batch = to_device(batch, info.device, eng.dtype)
+        out = eng(batch)
+        eng.backward(out["loss"])
+        if not eng.step():
+            continue  # inside a gradient-accumulation window
+        step += 1
+        log.advance()
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            # the only host sync of the loop: averaging the logged scalars over ranks
+            scalars = engine.all_reduce_mean({k: v for k, v in out.items() if v.numel() == 1})
+            last = log.log(step, {**scalars, "lr": eng.lr}, samples_per_step=samples_per_step)
+            first_loss = last["loss"] if first_loss is None else first_loss
+        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
+            tag = eng.save(ckpt_dir, step, {"step": step})
+            log.write(f"step {step}: checkpoint {ckpt_dir / tag}")
+    log.close()
+    elapsed = time.perf_counter() - start
+
+    summary: dict[str, Any] = {
+        "preset": cfg.preset,
+        "steps": step,
+        "world_size": info.world_size,
+        "seconds": round(elapsed, 1),
+        "first_logged_loss": first_loss,
+        "final_loss": last.get("loss"),
+        "samples_per_s": last.get("samples_per_s"),
+        "checkpoint": str(ckpt_dir),
+    }
+    if cfg.train.eval_at_end and cfg.data.eval_shards:
+        if eng.zero_stage == 3:
+            log.write("ZeRO-3 partitions the weights: evaluate the checkpoint with `mmssl eval RUN_DIR`")
+        elif info.is_main:
+            summary["eval"] = evaluate.run_eval(task.model, cfg, run_dir, device=info.device, dtype=eng.dtype)
+        engine.barrier()
+    if info.is_main:
+        report.loss_curves_png(report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary, run_dir), flush=True)
+    engine.shutdown()
+    return summary
+
+
+def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
+    def fmt(x: Any, spec: str) -> str:
+        return format(x, spec) if isinstance(x, int | float) else "-"
+
+    lines = [
+        f"done: {summary['steps']} steps on {summary['world_size']} rank(s) in {summary['seconds']} s "
+        f"({fmt(summary['samples_per_s'], '.0f')} samples/s at the end)",
+        f"loss {fmt(summary['first_logged_loss'], '.3f')} -> {fmt(summary['final_loss'], '.3f')}",
+        f"run directory: {run_dir} (config.json, metrics.jsonl, tb/, loss.png, checkpoints/"
+        + (", eval.json, eval.html)" if "eval" in summary else ")"),
+    ]
+    return "\n".join(lines)

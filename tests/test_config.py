@@ -1,0 +1,74 @@
+import pytest
+
+from mmssl.config import RunConfig, apply_overrides, from_dict, load_json, save_json, to_dict
+from mmssl.presets import PRESETS, get_preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_validates_and_round_trips(name, tmp_path):
+    cfg = get_preset(name)
+    if not cfg.data.train_shards:
+        cfg.data.train_shards = "somewhere"
+    cfg.validate()
+    save_json(cfg, tmp_path / "c.json")
+    assert to_dict(load_json(tmp_path / "c.json")) == to_dict(cfg)
+
+
+def test_overrides_parse_against_field_types():
+    cfg = get_preset("tiny")
+    apply_overrides(cfg, ["optim.lr=3e-4", "train.steps=7", "model.text.causal=false", "eval.ks=[1,3]"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.model.text.causal is False
+    assert cfg.eval.ks == (1, 3)
+    apply_overrides(cfg, ["model.audio=null"])
+    assert cfg.model.audio is None and cfg.model.modalities == ("image", "text")
+    apply_overrides(cfg, ["model.audio.width=32"])  # switching a tower back on starts from its defaults
+    assert cfg.model.audio is not None and cfg.model.audio.width == 32
+    apply_overrides(cfg, ["run_dir=123"])  # a string field keeps what looks like a number
+    assert cfg.run_dir == "123"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("nope.x=1", "nope"),
+        ("train.steps=1.5", "train.steps"),
+        ("optim.lr=fast", "optim.lr"),
+        ("eval.match=sometimes", "eval.match"),
+        ("optim.lr", "key=value"),
+    ],
+)
+def test_bad_overrides_name_the_field(override, message):
+    with pytest.raises(ValueError, match=message):
+        apply_overrides(get_preset("tiny"), [override])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.image.patch_size=5", "model.image.image_size"),
+        ("model.text.heads=3", "model.text.width"),
+        ("optim.micro_batch_size=0", "optim.micro_batch_size"),
+        ("model.audio.n_mels=40", "model.audio.n_mels"),
+        ("data.train_shards=", "data.train_shards"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("objectives.contrastive.init_temperature=0.001", "max_logit_scale"),
+    ],
+)
+def test_invalid_values_are_refused_by_validate(override, message):
+    cfg = apply_overrides(get_preset("tiny"), [override])
+    with pytest.raises(ValueError, match=message):
+        cfg.validate()
+
+
+def test_two_towers_at_least():
+    cfg = apply_overrides(get_preset("tiny"), ["model.audio=null", "model.text=null"])
+    with pytest.raises(ValueError, match="at least two towers"):
+        cfg.validate()
+
+
+def test_unknown_preset_and_unknown_json_field():
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        get_preset("huge")
+    with pytest.raises(ValueError, match="optim.colour"):
+        from_dict(RunConfig, {"optim": {"colour": 1}})

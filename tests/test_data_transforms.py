@@ -1,0 +1,115 @@
+"""Per-modality transforms and collate: exact shapes, resampling, crops, presence masks."""
+
+import io
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+import data_pipelines.transforms as T
+from data_pipelines import AudioSpec, ImageSpec, audio_to_logmel, collate, decode_audio, decode_image
+
+SPEC = AudioSpec(sample_rate=16000, clip_samples=8000, n_fft=400, hop_length=160, n_mels=32)
+
+
+def tone(sr: int, seconds: float, hz: float = 1000.0) -> torch.Tensor:
+    t = torch.arange(int(sr * seconds), dtype=torch.float32) / sr
+    return 0.5 * torch.sin(2 * torch.pi * hz * t)  # [T]
+
+
+@pytest.mark.parametrize("sr", [22050, 16000])
+@pytest.mark.parametrize("seconds", [0.1, 0.5, 2.0])  # shorter than, equal to (at 16 kHz), longer than the clip
+@pytest.mark.parametrize("train", [True, False])
+def test_logmel_shape_is_exact(sr, seconds, train):
+    out = audio_to_logmel(tone(sr, seconds), sr, SPEC, train, torch.Generator().manual_seed(0))
+    assert out.shape == (SPEC.n_mels, SPEC.n_frames) == (32, 51)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_resampling_path_used_only_when_rates_differ(monkeypatch):
+    calls = []
+    original = T.resample
+    monkeypatch.setattr(T, "resample", lambda w, a, b: calls.append((a, b)) or original(w, a, b))
+    a = audio_to_logmel(tone(22050, 1.0), 22050, SPEC, False)
+    assert calls == [(22050, 16000)]
+    b = audio_to_logmel(tone(16000, 1.0), 16000, SPEC, False)
+    assert calls == [(22050, 16000)]
+    # The same 1 kHz tone at either rate lands in the same mel bin with nearly the same spectrum.
+    spectrum_a, spectrum_b = a.mean(dim=1), b.mean(dim=1)  # [n_mels]
+    assert spectrum_a.argmax() == spectrum_b.argmax()
+    assert torch.corrcoef(torch.stack([spectrum_a, spectrum_b]))[0, 1] > 0.99
+
+
+def test_eval_centre_crop_is_deterministic_and_centred():
+    wave = torch.randn(20000)
+    first = audio_to_logmel(wave, 16000, SPEC, False)
+    assert torch.equal(first, audio_to_logmel(wave, 16000, SPEC, False))
+    start = (20000 - SPEC.clip_samples) // 2
+    assert torch.allclose(first, audio_to_logmel(wave[start : start + SPEC.clip_samples], 16000, SPEC, False))
+
+
+def test_train_crop_follows_the_generator():
+    wave = torch.randn(40000)
+    run = [audio_to_logmel(wave, 16000, SPEC, True, torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    assert torch.equal(run[0], run[1])
+    assert not torch.equal(run[0], run[2])
+
+
+def test_short_clip_is_zero_padded_on_the_right():
+    out = audio_to_logmel(tone(16000, 0.2), 16000, SPEC, False)  # 3200 of 8000 samples
+    silence = (np.log(1e-6) - SPEC.mean) / (2 * SPEC.std)
+    assert torch.allclose(out[:, -10:], torch.full_like(out[:, -10:], silence))
+    assert out[:, :10].max() > silence + 1
+
+
+def test_decode_audio_mixes_channels_to_mono():
+    left = 0.5 * np.sin(np.linspace(0, 100, 4000, dtype=np.float32))
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.stack([left, 0.5 * left], axis=1), 22050, format="WAV", subtype="FLOAT")
+    wave, sr = decode_audio(buffer.getvalue())
+    assert sr == 22050 and wave.shape == (4000,) and wave.dtype == torch.float32
+    assert torch.allclose(wave, torch.from_numpy(0.75 * left), atol=1e-6)
+
+
+def test_decode_image_resizes_and_normalises():
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8), color=255).save(buffer, format="PNG")
+    out = decode_image(buffer.getvalue(), ImageSpec(size=12, mean=(0.5, 0.0, 0.5), std=(0.5, 1.0, 0.25)), False)
+    assert out.shape == (3, 12, 12) and out.dtype == torch.float32
+    assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor([1.0, 1.0, 2.0]))
+
+
+def test_collate_fills_missing_rows_with_zeros():
+    samples = [
+        {"__key__": "a", "label": 3, "image": torch.ones(3, 4, 4), "text": torch.arange(5)},
+        {"__key__": "b", "label": -1, "image": None, "text": torch.arange(5) + 1},
+    ]
+    batch = collate(samples)
+    assert batch["__key__"] == ["a", "b"] and batch["label"].tolist() == [3, -1]
+    assert batch["image"].shape == (2, 3, 4, 4) and batch["image"][1].abs().sum() == 0
+    assert batch["present"]["image"].tolist() == [True, False]
+    assert batch["present"]["text"].tolist() == [True, True] and batch["text"].dtype == torch.long
+    assert "audio" not in batch and "audio" not in batch["present"]
+
+
+def test_collate_uses_templates_when_a_whole_batch_lacks_a_modality():
+    samples = [{"__key__": "a", "label": 0, "audio": None}]
+    with pytest.raises(ValueError, match="audio"):
+        collate(samples)
+    batch = collate(samples, templates={"audio": torch.zeros(4, 7)})
+    assert batch["audio"].shape == (1, 4, 7) and batch["present"]["audio"].tolist() == [False]
+
+
+def test_collate_names_the_sample_with_a_wrong_shape():
+    samples = [{"__key__": "a", "image": torch.zeros(3, 4, 4)}, {"__key__": "odd", "image": torch.zeros(3, 5, 5)}]
+    with pytest.raises(ValueError, match="'odd'"):
+        collate(samples)
+
+
+def test_specs_reject_bad_values():
+    with pytest.raises(ValueError, match="hop_length"):
+        AudioSpec(sample_rate=16000, clip_samples=100, n_fft=64, hop_length=0, n_mels=8)
+    with pytest.raises(ValueError, match="size"):
+        ImageSpec(size=0)

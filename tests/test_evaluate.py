@@ -1,0 +1,53 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.config import EvalConfig
+from mmssl.evaluate import Embeddings, choose_rule, evaluate_embeddings, format_table, ranks_of_first_hit
+
+
+def brute_force_ranks(query, target, correct):
+    ranks = []
+    for i in range(query.shape[0]):
+        order = sorted(range(target.shape[0]), key=lambda j: -float(query[i] @ target[j]))
+        ranks.append(next(r for r, j in enumerate(order, 1) if correct[i, j]))
+    return torch.tensor(ranks)
+
+
+@pytest.mark.parametrize("rule", ["pair", "label"])
+def test_ranks_match_brute_force(rule):
+    g = torch.Generator().manual_seed(0)
+    q, t = (F.normalize(torch.randn(40, 8, generator=g), dim=-1) for _ in range(2))
+    labels = torch.randint(0, 5, (40,), generator=g)
+    correct = labels[:, None] == labels[None, :] if rule == "label" else torch.eye(40, dtype=torch.bool)
+    assert torch.equal(ranks_of_first_hit(q, t, correct, chunk=7), brute_force_ranks(q, t, correct))
+
+
+def test_perfect_and_shuffled_retrieval():
+    g = torch.Generator().manual_seed(1)
+    a = F.normalize(torch.randn(50, 16, generator=g), dim=-1)
+    perm = torch.randperm(50, generator=g)
+    data = Embeddings(emb={"image": a, "text": a.clone(), "audio": a[perm]}, labels=torch.arange(50))
+    results = evaluate_embeddings(data, EvalConfig(match="pair"))
+    assert results["pairs"]["image->text"]["R@1"] == 1.0
+    assert results["pairs"]["text->image"]["median_rank"] == 1.0
+    assert results["pairs"]["image->audio"]["R@1"] < 0.2
+    assert len(results["pairs"]) == 6
+    assert "rule 'pair'" in format_table(results)
+
+
+def test_auto_rule_uses_labels_when_captions_repeat():
+    labels = torch.tensor([0, 1, 0, 1])
+    distinct = torch.arange(16).reshape(4, 4)
+    repeated = distinct.clone()
+    repeated[2] = repeated[0]
+    emb = {"image": torch.eye(4), "text": torch.eye(4)}
+    assert choose_rule("auto", Embeddings(emb=emb, labels=labels, text=distinct)) == "pair"
+    assert choose_rule("auto", Embeddings(emb=emb, labels=labels, text=repeated)) == "label"
+    with pytest.raises(ValueError, match="carry no label"):
+        choose_rule("label", Embeddings(emb=emb, labels=torch.tensor([0, -1, 0, 1])))
+    # under the label rule a query whose top hit is another sample of its label scores
+    swapped = {"image": torch.eye(4), "text": torch.eye(4)[[2, 3, 0, 1]]}
+    res = evaluate_embeddings(Embeddings(emb=swapped, labels=labels, text=repeated), EvalConfig())
+    assert res["rule"] == "label" and res["pairs"]["image->text"]["R@1"] == 1.0
+    assert res["chance_R@1"] == 0.5
