@@ -75,6 +75,32 @@ def speak(text: str, voice: str, speed: int, pitch: int, wav_path: Path) -> byte
     return wav_path.read_bytes()
 
 
+def _listed(option: str) -> set[str]:
+    """Language codes, voice files and their base names listed by `espeak-ng --voices[=...]`, lower case."""
+    listing = subprocess.run(["espeak-ng", option], capture_output=True, text=True, check=True).stdout
+    names = set()
+    for line in listing.splitlines()[1:]:
+        columns = line.split()  # Pty, Language, Age/Gender, VoiceName, File, Other languages
+        if len(columns) >= 5:
+            names |= {columns[1].lower(), columns[4].lower(), columns[4].rsplit("/", 1)[-1].lower()}
+    return names
+
+
+def check_voices(voices: tuple[str, ...]) -> None:
+    """Raise naming the first voice espeak-ng does not list ("lang" or "lang+variant").
+
+    Needed because espeak-ng falls back silently: "no-such-voice" speaks Norwegian ("no") and
+    "en+nosuch" drops the unknown variant, both with exit status 0.
+    """
+    languages, variants = _listed("--voices"), _listed("--voices=variant")
+    for voice in voices:
+        base, _, variant = voice.lower().partition("+")
+        if base not in languages or (variant and variant not in variants):
+            raise ValueError(
+                f"unknown espeak-ng voice {voice!r}: see `espeak-ng --voices=en` and `espeak-ng --voices=variant`"
+            )
+
+
 def _plan(
     labels: np.ndarray, *, test_fraction: float, seed: int, captions_per_image: int, voices: tuple[str, ...]
 ) -> dict[str, list[dict[str, Any]]]:
@@ -129,6 +155,19 @@ def _clear_split(directory: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _finished(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The summary of a complete earlier build with the same parameters, else None."""
+    try:
+        done = json.loads((out / MARKER).read_text())
+        if done["params"] != params:
+            return None
+        splits = done["summary"]["splits"]
+        complete = all((out / split / name).is_file() for split in splits for name in splits[split]["shards"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # no marker, or one this version does not understand: build again
+    return done["summary"] if complete else None
+
+
 def build_spoken_digits(
     out_dir: str | Path,
     *,
@@ -145,10 +184,6 @@ def build_spoken_digits(
     `limit` uses only the first `limit` digit images (for quick tests). Returns a summary: per split the
     sample and image counts, the shard pattern and per-shard counts; the class names; seconds taken.
     """
-    if shutil.which("espeak-ng") is None:
-        raise RuntimeError(
-            "espeak-ng is not installed: run `sudo apt-get install espeak-ng` (Debian/Ubuntu) and try again"
-        )
     if not 1 <= captions_per_image <= len(TEMPLATES):
         raise ValueError(f"captions_per_image must be in [1, {len(TEMPLATES)}], got {captions_per_image}")
     if not voices:
@@ -163,11 +198,14 @@ def build_spoken_digits(
         "voices": list(voices),
         "limit": limit,
     }
-    marker = out / MARKER
-    if marker.is_file():
-        done = json.loads(marker.read_text())
-        if done.get("params") == params:
-            return {**done["summary"], "skipped": True}
+    previous = _finished(out, params)
+    if previous is not None:
+        return {**previous, "skipped": True}
+    if shutil.which("espeak-ng") is None:
+        raise RuntimeError(
+            "espeak-ng is not installed: run `sudo apt-get install espeak-ng` (Debian/Ubuntu) and try again"
+        )
+    check_voices(tuple(voices))
 
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
@@ -182,6 +220,7 @@ def build_spoken_digits(
         labels, test_fraction=test_fraction, seed=seed, captions_per_image=captions_per_image, voices=voices
     )
 
+    marker = out / MARKER
     marker.unlink(missing_ok=True)
     wavs = _render_speech(plan, voices, progress)
     pngs = [render_digit(pixels) for pixels in images]

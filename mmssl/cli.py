@@ -117,8 +117,11 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
 
 
 def _format_demo_summary(summary: dict, out: str) -> str:
-    parts = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, dict | list))
-    return f"spoken digits demo data in {out}: {parts}"
+    splits = ", ".join(
+        f"{name} {s['samples']} samples ({s['pattern']})" for name, s in summary["splits"].items()
+    )
+    reused = " (already built: reused)" if summary.get("skipped") else ""
+    return f"spoken digits in {out}{reused}: {splits}; {summary.get('seconds', 0):.0f} s"
 
 
 def parser() -> argparse.ArgumentParser:

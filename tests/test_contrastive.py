@@ -30,7 +30,11 @@ def test_every_pair_equals_the_direct_computation():
     objective = ContrastiveObjective(ContrastiveConfig(init_temperature=0.1), MODALITIES)
     feats = features()
     terms = objective(feats)
-    assert set(terms) == {"contrastive_image_text_loss", "contrastive_image_audio_loss", "contrastive_text_audio_loss"}
+    assert set(terms) == {
+        "contrastive_image_text_loss",
+        "contrastive_image_audio_loss",
+        "contrastive_text_audio_loss",
+    }
     for name, value in terms.items():
         a, b = name.removeprefix("contrastive_").removesuffix("_loss").split("_")
         assert torch.allclose(value, reference_loss(feats[a], feats[b], 10.0), atol=1e-6)
@@ -44,7 +48,9 @@ def test_absent_modality_drops_its_pairs_and_scale_is_clamped():
     del feats["audio"]
     terms = objective(feats)
     assert list(terms) == ["contrastive_image_text_loss"]
-    assert torch.allclose(terms["contrastive_image_text_loss"], reference_loss(feats["image"], feats["text"], 20.0))
+    assert torch.allclose(
+        terms["contrastive_image_text_loss"], reference_loss(feats["image"], feats["text"], 20.0)
+    )
 
 
 def test_temperature_is_learnable():
@@ -87,4 +93,7 @@ def test_two_rank_gathered_loss_equals_full_batch():
         # every rank holds the full loss; the gather's backward sums their gradients, which the
         # engine's gradient averaging divides by the world size again
         for m, grad in grads.items():
-            assert torch.allclose(grad / world, feats[m].grad[rank * n : (rank + 1) * n], atol=1e-6), (rank, m)
+            assert torch.allclose(grad / world, feats[m].grad[rank * n : (rank + 1) * n], atol=1e-6), (
+                rank,
+                m,
+            )

@@ -60,7 +60,10 @@ def test_expand_shards_forms(shard_dir, tmp_path):
     out, _ = shard_dir
     names = [str(out / f"shard-00000{i}.tar") for i in range(3)]
     assert expand_shards(str(out / "shard-{000000..000002}.tar")) == names
-    assert expand_shards(str(out / "shard-{000000,000002}.tar")) == [names[0], names[2]]  # comma inside braces
+    assert expand_shards(str(out / "shard-{000000,000002}.tar")) == [
+        names[0],
+        names[2],
+    ]  # comma inside braces
     assert expand_shards(str(out / "*.tar")) == names
     assert expand_shards(str(out)) == names
     assert expand_shards(f"{names[2]}, {out / 'shard-00000[01].tar'}") == [names[2], names[0], names[1]]

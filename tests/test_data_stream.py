@@ -50,7 +50,9 @@ def keys_of(loader, n_batches: int | None = None) -> list[str]:
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_eval_reads_every_sample_once_with_exact_shapes(shards, labels, tokenizer, num_workers):
-    batches = list(build_loader(config(shards, train=False, num_workers=num_workers, batch_size=7), tokenizer=tokenizer))
+    batches = list(
+        build_loader(config(shards, train=False, num_workers=num_workers, batch_size=7), tokenizer=tokenizer)
+    )
     keys = [k for b in batches for k in b["__key__"]]
     assert sorted(keys) == sorted(labels) and len(keys) == N_SAMPLES
     if num_workers == 0:
@@ -68,7 +70,11 @@ def test_eval_reads_every_sample_once_with_exact_shapes(shards, labels, tokenize
 
 def test_eval_ranks_split_the_shards_without_a_process_group(shards, labels, tokenizer):
     per_rank = [
-        keys_of(build_loader(config(shards, train=False, num_workers=0), tokenizer=tokenizer, rank=r, world_size=2))
+        keys_of(
+            build_loader(
+                config(shards, train=False, num_workers=0), tokenizer=tokenizer, rank=r, world_size=2
+            )
+        )
         for r in range(2)
     ]
     assert not set(per_rank[0]) & set(per_rank[1])

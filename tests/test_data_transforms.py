@@ -20,7 +20,9 @@ def tone(sr: int, seconds: float, hz: float = 1000.0) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("sr", [22050, 16000])
-@pytest.mark.parametrize("seconds", [0.1, 0.5, 2.0])  # shorter than, equal to (at 16 kHz), longer than the clip
+@pytest.mark.parametrize(
+    "seconds", [0.1, 0.5, 2.0]
+)  # shorter than, equal to (at 16 kHz), longer than the clip
 @pytest.mark.parametrize("train", [True, False])
 def test_logmel_shape_is_exact(sr, seconds, train):
     out = audio_to_logmel(tone(sr, seconds), sr, SPEC, train, torch.Generator().manual_seed(0))
@@ -76,7 +78,9 @@ def test_decode_audio_mixes_channels_to_mono():
 def test_decode_image_resizes_and_normalises():
     buffer = io.BytesIO()
     Image.new("L", (8, 8), color=255).save(buffer, format="PNG")
-    out = decode_image(buffer.getvalue(), ImageSpec(size=12, mean=(0.5, 0.0, 0.5), std=(0.5, 1.0, 0.25)), False)
+    out = decode_image(
+        buffer.getvalue(), ImageSpec(size=12, mean=(0.5, 0.0, 0.5), std=(0.5, 1.0, 0.25)), False
+    )
     assert out.shape == (3, 12, 12) and out.dtype == torch.float32
     assert torch.allclose(out.mean(dim=(1, 2)), torch.tensor([1.0, 1.0, 2.0]))
 
@@ -103,7 +107,10 @@ def test_collate_uses_templates_when_a_whole_batch_lacks_a_modality():
 
 
 def test_collate_names_the_sample_with_a_wrong_shape():
-    samples = [{"__key__": "a", "image": torch.zeros(3, 4, 4)}, {"__key__": "odd", "image": torch.zeros(3, 5, 5)}]
+    samples = [
+        {"__key__": "a", "image": torch.zeros(3, 4, 4)},
+        {"__key__": "odd", "image": torch.zeros(3, 5, 5)},
+    ]
     with pytest.raises(ValueError, match="'odd'"):
         collate(samples)
 

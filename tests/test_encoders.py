@@ -64,7 +64,9 @@ def test_keep_index_sees_only_kept_patches(modality):
         y[0, :, r * p : (r + 1) * p, c * p : (c + 1) * p] += 5
     else:
         f, t = divmod(dropped, cfg.grid[1])
-        y[0, f * cfg.patch_freq : (f + 1) * cfg.patch_freq, t * cfg.patch_time : (t + 1) * cfg.patch_time] += 5
+        y[
+            0, f * cfg.patch_freq : (f + 1) * cfg.patch_freq, t * cfg.patch_time : (t + 1) * cfg.patch_time
+        ] += 5
     assert not torch.equal(tower.patchify(y), patches)
     assert torch.allclose(tower.forward_features(y, keep), feats, atol=1e-6)
     # all patches kept in order equals no keep index
