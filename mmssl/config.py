@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 MODALITIES = ("image", "text", "audio")
+# open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
+SOT_TOKEN_ID, EOT_TOKEN_ID, MASK_TOKEN_ID = 49406, 49407, 49408
 
 
 @dataclass(kw_only=True)
@@ -49,7 +51,7 @@ class TextTowerConfig:
     """A transformer over open_clip BPE tokens, pooled at the end-of-text token."""
 
     context_length: int = 16
-    vocab_size: int = 49408  # open_clip's SimpleTokenizer vocabulary
+    vocab_size: int = 49409  # open_clip's 49408 BPE ids and one [MASK] id for masked language modelling
     width: int = 64
     depth: int = 2
     heads: int = 2
@@ -128,29 +130,114 @@ class ModelConfig:
 
 
 @dataclass(kw_only=True)
-class ContrastiveConfig:
-    """InfoNCE between every pair of modalities present in a batch (open_clip's ClipLoss)."""
+class LossWeight:
+    """A loss term's weight, constant or warmed up linearly from 0 over ``warmup_steps``."""
 
     weight: float = 1.0
+    schedule: Literal["constant", "linear_warmup"] = "constant"
+    warmup_steps: int = 0
+
+    def validate(self, path: str) -> None:
+        if self.weight < 0:
+            raise ValueError(f"{path}.weight must be >= 0, got {self.weight}")
+        if self.schedule == "linear_warmup" and self.warmup_steps <= 0:
+            raise ValueError(f"{path}.warmup_steps must be > 0 for schedule 'linear_warmup'")
+
+    def at(self, step: int) -> float:
+        if self.schedule == "constant":
+            return self.weight
+        return self.weight * min(1.0, (step + 1) / self.warmup_steps)
+
+
+@dataclass(kw_only=True)
+class ContrastiveConfig:
+    """InfoNCE between every pair of modalities present in a batch (open_clip's ClipLoss), using only
+    the rows where both sides are present."""
+
+    loss: LossWeight = field(default_factory=LossWeight)
+    pairs: tuple[str, ...] = ()  # e.g. ["image_text", "text_audio"]; empty: every pair of the model's towers
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
     local_loss: bool = False  # True: each rank scores its own rows against all (less memory, same gradient)
     gather_with_grad: bool = True
 
     def validate(self, path: str) -> None:
+        self.loss.validate(f"{path}.loss")
         _positive(self, path, "init_temperature", "max_logit_scale")
-        if self.weight < 0:
-            raise ValueError(f"{path}.weight must be >= 0, got {self.weight}")
         if 1.0 / self.init_temperature > self.max_logit_scale:
             raise ValueError(f"{path}: 1/init_temperature exceeds max_logit_scale={self.max_logit_scale}")
+
+    def pair_names(self, modalities: tuple[str, ...]) -> list[tuple[str, str]]:
+        every = [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
+        if not self.pairs:
+            return every
+        known = {f"{a}_{b}": (a, b) for a, b in every}
+        for name in self.pairs:
+            if name not in known:
+                raise ValueError(f"objectives.contrastive.pairs: {name!r} is not one of {sorted(known)}")
+        return [known[name] for name in self.pairs]
+
+
+@dataclass(kw_only=True)
+class MaskedPatchConfig:
+    """MAE-style masked patch reconstruction for a patch tower (image or audio spectrogram).
+
+    The encoder sees only the kept patches; a light decoder with mask tokens and positions predicts
+    the values of the masked ones; the loss covers masked patches only."""
+
+    enabled: bool = False
+    loss: LossWeight = field(default_factory=LossWeight)
+    mask_ratio: float = 0.75
+    norm_targets: bool = True  # normalise each target patch by its own mean and variance (MAE's norm_pix)
+    decoder_width: int = 64
+    decoder_depth: int = 1
+    decoder_heads: int = 2
+    mode: Literal["unstructured", "time", "frequency", "time_frequency"] = "unstructured"  # audio only
+
+    def validate(self, path: str) -> None:
+        self.loss.validate(f"{path}.loss")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"{path}.mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        _positive(self, path, "decoder_width", "decoder_depth", "decoder_heads")
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(f"{path}.decoder_width={self.decoder_width} is not divisible by decoder_heads")
+
+
+@dataclass(kw_only=True)
+class MaskedTextConfig:
+    """BERT-style masked language modelling: ``select_prob`` of the non-special tokens are selected; of
+    those, ``mask_prob`` become [MASK], ``random_prob`` a random token and the rest stay unchanged."""
+
+    enabled: bool = False
+    loss: LossWeight = field(default_factory=lambda: LossWeight(weight=0.1))
+    select_prob: float = 0.15
+    mask_prob: float = 0.8
+    random_prob: float = 0.1
+
+    def validate(self, path: str) -> None:
+        self.loss.validate(f"{path}.loss")
+        if not 0.0 <= self.select_prob <= 1.0:
+            raise ValueError(f"{path}.select_prob must be in [0, 1], got {self.select_prob}")
+        if self.mask_prob < 0 or self.random_prob < 0 or self.mask_prob + self.random_prob > 1.0:
+            raise ValueError(f"{path}: mask_prob and random_prob must be >= 0 and sum to at most 1")
 
 
 @dataclass(kw_only=True)
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    masked_image: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
+    masked_text: MaskedTextConfig = field(default_factory=MaskedTextConfig)
+    masked_audio: MaskedPatchConfig = field(default_factory=lambda: MaskedPatchConfig(mask_ratio=0.8))
+    # False: each tower runs once per step on its masked input and that pass also feeds the contrastive
+    # loss (FLIP, CAV-MAE). True: a second, unmasked pass feeds the contrastive loss.
+    unmasked_contrastive_pass: bool = False
 
     def validate(self, path: str = "objectives") -> None:
-        self.contrastive.validate(f"{path}.contrastive")
+        for name in ("contrastive", "masked_image", "masked_text", "masked_audio"):
+            getattr(self, name).validate(f"{path}.{name}")
+
+    def masked(self, modality: str) -> MaskedPatchConfig | MaskedTextConfig:
+        return getattr(self, f"masked_{modality}")
 
 
 @dataclass(kw_only=True)
@@ -252,6 +339,22 @@ class RunConfig:
             value = getattr(self, f.name)
             if dataclasses.is_dataclass(value):
                 value.validate(f.name)
+        self.objectives.contrastive.pair_names(self.model.modalities)
+        for modality in MODALITIES:
+            if self.objectives.masked(modality).enabled and getattr(self.model, modality) is None:
+                raise ValueError(f"objectives.masked_{modality}.enabled but model.{modality} is off")
+        if self.objectives.masked_image.mode != "unstructured":
+            raise ValueError("objectives.masked_image.mode: images take 'unstructured' masking only")
+        text = self.model.text
+        if self.objectives.masked_text.enabled and text is not None:
+            if text.causal:
+                raise ValueError(
+                    "objectives.masked_text needs a bidirectional text tower: set model.text.causal=false"
+                )
+            if text.vocab_size <= MASK_TOKEN_ID:
+                raise ValueError(
+                    f"objectives.masked_text needs model.text.vocab_size > {MASK_TOKEN_ID} (one id for [MASK])"
+                )
         return self
 
 

@@ -151,8 +151,8 @@ class Engine:
     def zero_stage(self) -> int:
         return self.ds.zero_optimization_stage()
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        return self.ds(batch)
+    def __call__(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Tensor]:
+        return self.ds(batch, **kwargs)
 
     def backward(self, loss: Tensor) -> None:
         self.ds.backward(loss)

@@ -1,6 +1,7 @@
 """Named runs. Each preset is a function returning a whole :class:`RunConfig`; bigger ones derive from
 smaller ones and change only what differs. ``tiny`` trains on CPU in seconds (tests, the demo),
 ``small`` in minutes (CPU benchmarks); ``base`` and ``large`` are GPU-scale (ViT-B/16 and ViT-L/14 class).
+Each has a ``*_masked`` twin with every masked objective on besides the contrastive one.
 """
 
 from __future__ import annotations
@@ -97,7 +98,51 @@ def large() -> RunConfig:
     return cfg
 
 
-PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "small": small, "base": base, "large": large}
+def with_masked_objectives(
+    cfg: RunConfig, *, decoder_width: int, decoder_depth: int, decoder_heads: int
+) -> RunConfig:
+    """Turn on MAE (image), MLM (text, so the text tower becomes bidirectional) and AudioMAE (audio)."""
+    o = cfg.objectives
+    for masked in (o.masked_image, o.masked_audio):
+        masked.enabled = True
+        masked.decoder_width, masked.decoder_depth, masked.decoder_heads = (
+            decoder_width,
+            decoder_depth,
+            decoder_heads,
+        )
+    o.masked_text.enabled = True
+    cfg.model.text.causal = False
+    cfg.preset += "_masked"
+    cfg.run_dir += "_masked"
+    return cfg
+
+
+def tiny_masked() -> RunConfig:
+    return with_masked_objectives(tiny(), decoder_width=64, decoder_depth=1, decoder_heads=2)
+
+
+def small_masked() -> RunConfig:
+    return with_masked_objectives(small(), decoder_width=128, decoder_depth=2, decoder_heads=4)
+
+
+def base_masked() -> RunConfig:
+    return with_masked_objectives(base(), decoder_width=512, decoder_depth=4, decoder_heads=16)
+
+
+def large_masked() -> RunConfig:
+    return with_masked_objectives(large(), decoder_width=512, decoder_depth=8, decoder_heads=16)
+
+
+PRESETS: dict[str, Callable[[], RunConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "base": base,
+    "large": large,
+    "tiny_masked": tiny_masked,
+    "small_masked": small_masked,
+    "base_masked": base_masked,
+    "large_masked": large_masked,
+}
 
 
 def get_preset(name: str) -> RunConfig:

@@ -17,15 +17,14 @@ from mmssl.runlog import RunLog
 from mmssl.task import Task
 
 
-def to_device(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-    out = {}
-    for name, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, non_blocking=True)
-            out[name] = value.to(dtype) if value.is_floating_point() else value
-        else:
-            out[name] = value
-    return out
+def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """Tensors (also in nested dicts such as the presence masks) to the device; floats to the engine dtype."""
+    if isinstance(batch, dict):
+        return {name: to_device(value, device, dtype) for name, value in batch.items()}
+    if isinstance(batch, torch.Tensor):
+        batch = batch.to(device, non_blocking=True)
+        return batch.to(dtype) if batch.is_floating_point() else batch
+    return batch
 
 
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
@@ -55,12 +54,14 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     batches = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step)
 
     start, first_loss, last = time.perf_counter(), None, {}
+    micro = 0
     eng.train()
     for batch in batches:
         if step >= cfg.train.steps:
             break
         batch = to_device(batch, info.device, eng.dtype)
-        out = eng(batch)
+        out = eng(batch, step=step, micro=micro)
+        micro = (micro + 1) % cfg.optim.grad_accum_steps
         eng.backward(out["loss"])
         if not eng.step():
             continue  # inside a gradient-accumulation window

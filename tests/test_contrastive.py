@@ -59,41 +59,71 @@ def test_temperature_is_learnable():
     assert all(p.grad is not None and p.grad.abs() > 0 for p in objective.logit_scale.values())
 
 
+def test_all_present_equals_open_clip_and_absent_rows_drop_out():
+    from open_clip.loss import ClipLoss
+
+    feats = features()
+    objective = ContrastiveObjective(ContrastiveConfig(), MODALITIES)
+    scale = objective.scales()["image_text"]
+    ours = objective(feats)["contrastive_image_text_loss"]
+    assert torch.allclose(ours, ClipLoss()(feats["image"], feats["text"], scale), atol=1e-6)
+    present = {m: torch.ones(16, dtype=torch.bool) for m in MODALITIES}
+    present["text"][[1, 4, 9]] = False
+    present["audio"][:] = False
+    terms = objective(feats, present)
+    keep = present["text"]
+    subset = reference_loss(feats["image"][keep], feats["text"][keep], float(scale))
+    assert torch.allclose(terms["contrastive_image_text_loss"], subset, atol=1e-6)
+    assert terms["contrastive_image_audio_loss"] == 0  # no row has both: zero, not NaN
+
+
+# Rows present per rank in the distributed test: uneven, and rank 1 holds none for the text pairs.
+PRESENT = {"image": [True] * 16, "text": [True, False, True, True, False, True, True, True] + [False] * 8,
+           "audio": [True] * 16}  # fmt: skip
+
+
 def _rank_worker(rank: int, world: int, port: int, out: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     feats = features()
     n = feats["image"].shape[0] // world
-    local = {m: f[rank * n : (rank + 1) * n].clone().requires_grad_(True) for m, f in feats.items()}
-    objective = ContrastiveObjective(ContrastiveConfig(), MODALITIES, rank=rank, world_size=world)
-    terms = objective(local)
-    sum(terms.values()).backward()
-    out[rank] = (
-        {k: v.detach() for k, v in terms.items()},
-        {m: t.grad for m, t in local.items()},
-    )
+    for local_loss in (False, True):
+        local = {m: f[rank * n : (rank + 1) * n].clone().requires_grad_(True) for m, f in feats.items()}
+        present = {m: torch.tensor(PRESENT[m][rank * n : (rank + 1) * n]) for m in MODALITIES}
+        cfg = ContrastiveConfig(local_loss=local_loss)
+        objective = ContrastiveObjective(cfg, MODALITIES, rank=rank, world_size=world)
+        terms = objective(local, present)
+        sum(terms.values()).backward()
+        out[(rank, local_loss)] = (
+            {k: v.detach() for k, v in terms.items()},
+            {m: t.grad for m, t in local.items()},
+        )
     torch.distributed.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_two_rank_gathered_loss_equals_full_batch():
+    """2 gloo ranks, uneven presence (one rank with no valid text rows), full gather and local loss:
+    the mean over ranks of each rank's loss, and the rank-averaged gradients, equal one process
+    holding the whole batch."""
     world = 2
     with mp.Manager() as manager:
         out = manager.dict()
         mp.spawn(_rank_worker, args=(world, free_port(), out), nprocs=world, join=True)
         results = dict(out)
     feats = {m: f.clone().requires_grad_(True) for m, f in features().items()}
+    present = {m: torch.tensor(v) for m, v in PRESENT.items()}
     objective = ContrastiveObjective(ContrastiveConfig(), MODALITIES)
-    full = objective(feats)
+    full = objective(feats, present)
     sum(full.values()).backward()
     n = feats["image"].shape[0] // world
-    for rank, (terms, grads) in results.items():
+    for local_loss in (False, True):
         for name, value in full.items():
-            assert torch.allclose(terms[name], value.detach(), atol=1e-6), (rank, name)
-        # every rank holds the full loss; the gather's backward sums their gradients, which the
-        # engine's gradient averaging divides by the world size again
-        for m, grad in grads.items():
-            assert torch.allclose(grad / world, feats[m].grad[rank * n : (rank + 1) * n], atol=1e-6), (
-                rank,
-                m,
-            )
+            mean_over_ranks = sum(results[(r, local_loss)][0][name] for r in range(world)) / world
+            assert torch.allclose(mean_over_ranks, value.detach(), atol=1e-6), (local_loss, name)
+        for rank in range(world):
+            # the gather's backward sums every rank's gradient into the owner's rows; the engine's
+            # gradient averaging divides by the world size again
+            for m, grad in results[(rank, local_loss)][1].items():
+                expected = feats[m].grad[rank * n : (rank + 1) * n]
+                assert torch.allclose(grad / world, expected, atol=1e-6), (local_loss, rank, m)

@@ -55,3 +55,31 @@ def test_two_rank_train_checkpoint_resume_eval(demo_shards, tmp_path):
         assert f"{name:<18}{metrics['R@1']:>8.3f}" in evaluated.stdout
     # the consolidated checkpoint evaluates exactly as the in-process model did at the end of training
     assert results["pairs"] == json.loads((run_dir / "eval.json").read_text())["pairs"]
+
+
+def test_two_rank_training_with_every_objective(demo_shards, tmp_path):
+    run_dir = tmp_path / "masked"
+    mmssl(
+        "train", "--preset", "tiny_masked", "--nproc", "2", "--run-dir", str(run_dir),
+        f"data.train_shards={demo_shards}/train", f"data.eval_shards={demo_shards}/test",
+        "optim.micro_batch_size=16", "optim.warmup_steps=5", "train.log_every=5", "train.steps=30",
+        "optim.grad_accum_steps=2",
+        cwd=REPO,
+    )  # fmt: skip
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]
+    for term in (
+        "masked_image",
+        "masked_text",
+        "masked_audio",
+        "contrastive_image_text",
+        "contrastive_text_audio",
+    ):
+        assert f"{term}_loss" in last, term
+    assert last["masked_image_ratio"] == 0.75
+    assert abs(last["masked_audio_ratio"] - 0.8) < 0.05
+    assert 0.05 < last["masked_text_ratio"] < 0.3
+    for term in ("loss", "masked_image_loss", "masked_audio_loss", "masked_text_loss"):
+        assert last[term] < rows[0][term], term
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["train_batch_size"] == 16 * 2 * 2 and ds["zero_optimization"]["stage"] == 2

@@ -1,7 +1,7 @@
 """Text tower: a transformer over open_clip BPE tokens, named like open_clip's TextTransformer.
 
-Causal (CLIP) by default, pooled at the end-of-text token, which has the highest id in open_clip's
-vocabulary. With ``causal=False`` attention is bidirectional and padding keys are masked, as masked
+Causal (CLIP) by default, pooled at the end-of-text token (open_clip finds it as the highest id; we
+look for its id, since masked language modelling adds a [MASK] id above it). With ``causal=False`` attention is bidirectional and padding keys are masked, as masked
 language modelling needs.
 
 Axis legend: B batch, L context length, D width, E embedding, V vocabulary, H heads.
@@ -14,7 +14,7 @@ from einops import repeat
 from open_clip.transformer import LayerNorm, Transformer
 from torch import Tensor, nn
 
-from mmssl.config import TextTowerConfig
+from mmssl.config import EOT_TOKEN_ID, TextTowerConfig
 
 PAD_ID = 0  # open_clip's tokenizer pads with zeros
 
@@ -51,7 +51,8 @@ class TextTower(nn.Module):
 
     def forward_head(self, features: Tensor, text: Tensor) -> Tensor:
         """Pool at the end-of-text token and project: ``[B, L, D] -> [B, E]``."""
-        eot = features[torch.arange(features.shape[0], device=features.device), text.argmax(dim=-1)]
+        position = (text == EOT_TOKEN_ID).int().argmax(dim=-1)  # [B]
+        eot = features[torch.arange(features.shape[0], device=features.device), position]
         return eot @ self.text_projection
 
     def forward(self, text: Tensor) -> Tensor:

@@ -1,0 +1,21 @@
+"""Masked spectrogram modelling (AudioMAE): patches of the log-mel, default ratio 0.8.
+
+``mode`` picks the masking: ``unstructured`` (each patch on its own, AudioMAE's best for pretraining),
+``time`` (whole time columns), ``frequency`` (whole mel-band rows) or ``time_frequency`` (rows and
+columns together). Every mode keeps exactly ``round(L * (1 - ratio))`` patches per sample.
+"""
+
+from __future__ import annotations
+
+from mmssl.config import AudioTowerConfig, MaskedPatchConfig
+from mmssl.objectives.masked_patches import MaskedPatchObjective
+
+
+def masked_audio_objective(cfg: MaskedPatchConfig, tower: AudioTowerConfig) -> MaskedPatchObjective:
+    return MaskedPatchObjective(
+        cfg,
+        name="masked_audio",
+        width=tower.width,
+        grid=tower.grid,
+        patch_dim=tower.patch_freq * tower.patch_time,
+    )

@@ -1,0 +1,204 @@
+"""Masked objectives: exact keep counts, parity with the unmasked pass at ratio 0, losses on masked
+positions only, gradients into the encoders, and each objective overfitting a tiny fixed batch."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmssl.config import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, MaskedPatchConfig, MaskedTextConfig
+from mmssl.encoders import build_encoder
+from mmssl.objectives import MaskedTextObjective, masked_audio_objective, masked_image_objective
+from mmssl.objectives.masking import keep_count, mask_scores, random_keep
+from mmssl.presets import get_preset
+from mmssl.task import Task
+
+MODEL = get_preset("tiny_masked").model
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def images(b: int = 4) -> torch.Tensor:
+    return torch.randn(b, 3, MODEL.image.image_size, MODEL.image.image_size, generator=gen(1))
+
+
+def spectrograms(b: int = 4) -> torch.Tensor:
+    return torch.randn(b, MODEL.audio.n_mels, MODEL.audio.n_frames, generator=gen(2))
+
+
+def texts(b: int = 4) -> torch.Tensor:
+    t = torch.randint(1, 40000, (b, MODEL.text.context_length), generator=gen(3))
+    t[:, 0], t[:, 9], t[:, 10:] = SOT_TOKEN_ID, EOT_TOKEN_ID, 0
+    return t
+
+
+def patch_objective(modality: str, **overrides):
+    tower_cfg = getattr(MODEL, modality)
+    settings = {"enabled": True, "mask_ratio": 0.75 if modality == "image" else 0.8, **overrides}
+    cfg = MaskedPatchConfig(**settings)
+    build = masked_image_objective if modality == "image" else masked_audio_objective
+    return build_encoder(tower_cfg, MODEL.embed_dim), build(cfg, tower_cfg)
+
+
+@pytest.mark.parametrize("mode", ["unstructured", "time", "frequency", "time_frequency"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.75, 0.8])
+def test_keep_count_is_exact_random_and_reproducible(mode, ratio):
+    grid = (8, 12)
+    L = 96
+    keep = random_keep(mask_scores(64, grid, mode, gen(0), torch.device("cpu")), ratio)
+    assert keep.shape == (64, round(L * (1 - ratio)))
+    assert all(len(set(row.tolist())) == keep.shape[1] for row in keep)  # no index twice
+    if ratio > 0:
+        assert len({tuple(row.tolist()) for row in keep}) >= 5  # differs per sample
+        again = random_keep(mask_scores(64, grid, mode, gen(0), torch.device("cpu")), ratio)
+        other_step = random_keep(mask_scores(64, grid, mode, gen(1), torch.device("cpu")), ratio)
+        assert torch.equal(keep, again) and not torch.equal(keep, other_step)
+    assert keep_count(L, ratio) == keep.shape[1]
+
+
+def test_time_masking_hides_whole_columns():
+    keep = random_keep(
+        mask_scores(8, (4, 12), "time", gen(0), torch.device("cpu")), 0.75
+    )  # 12 kept = 3 columns
+    for row in keep:
+        columns = {int(i) % 12 for i in row}
+        assert len(columns) == 3
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_ratio_zero_equals_unmasked_forward_and_backward(modality):
+    torch.manual_seed(0)
+    tower, objective = patch_objective(modality, mask_ratio=0.0)
+    x = images() if modality == "image" else spectrograms()
+    features, _ = objective(tower, x, torch.ones(4, dtype=torch.bool), gen(0))
+    masked_emb = tower.forward_head(features)
+    masked_emb.square().sum().backward()
+    masked_grads = [p.grad.clone() for p in tower.parameters()]
+    tower.zero_grad()
+    plain = tower(x)
+    plain.square().sum().backward()
+    assert torch.allclose(masked_emb, plain, atol=1e-6)
+    for a, p in zip(masked_grads, tower.parameters(), strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_text_with_nothing_selected_equals_unmasked_pass():
+    torch.manual_seed(0)
+    tower = build_encoder(MODEL.text, MODEL.embed_dim)
+    objective = MaskedTextObjective(MaskedTextConfig(enabled=True, select_prob=0.0), MODEL.text)
+    t = texts()
+    features, corrupted, terms = objective(tower, t, torch.ones(4, dtype=torch.bool), gen(0))
+    assert torch.equal(corrupted, t) and terms["masked_text_loss"] == 0
+    assert torch.allclose(tower.forward_head(features, corrupted), tower(t), atol=1e-6)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_reconstruction_loss_ignores_visible_targets_and_absent_rows(modality):
+    torch.manual_seed(0)
+    tower, objective = patch_objective(modality)
+    x = images() if modality == "image" else spectrograms()
+    present = torch.tensor([True, True, False, True])
+    _, terms = objective(tower, x, present, gen(5))
+    keep = objective.draw_keep(4, gen(5), x.device)  # the same draw the objective made
+    true_targets = objective.targets(tower, x)
+    visible_changed = true_targets.clone()
+    rows = torch.arange(4)[:, None]
+    visible_changed[rows, keep] += 7.0  # every visible patch's target
+    visible_changed[2] += 3.0  # every target of the absent row
+    objective.targets = lambda tower, x: visible_changed
+    _, changed = objective(tower, x, present, gen(5))
+    assert torch.allclose(terms[f"masked_{modality}_loss"], changed[f"masked_{modality}_loss"])
+    masked_changed = true_targets.clone()
+    masked_changed[0] += 1.0  # a masked patch of a present row does count
+    objective.targets = lambda tower, x: masked_changed
+    _, counted = objective(tower, x, present, gen(5))
+    assert not torch.allclose(terms[f"masked_{modality}_loss"], counted[f"masked_{modality}_loss"])
+    counted[f"masked_{modality}_loss"].backward()
+    assert tower.conv1.weight.grad.abs().sum() > 0  # gradients reach the encoder
+
+
+def test_mlm_corruption_statistics_and_loss_on_selected_only():
+    torch.manual_seed(0)
+    cfg = MaskedTextConfig(enabled=True)
+    tower = build_encoder(MODEL.text, MODEL.embed_dim)
+    objective = MaskedTextObjective(cfg, MODEL.text)
+    t = torch.randint(1, 40000, (4000, MODEL.text.context_length), generator=gen(3))
+    t[:, 0], t[:, -1] = SOT_TOKEN_ID, EOT_TOKEN_ID
+    corrupted, selected = objective.corrupt(t, gen(0))
+    assert not selected[:, 0].any() and not selected[:, -1].any()  # special tokens never selected
+    assert torch.equal(corrupted[~selected], t[~selected])  # unselected positions untouched
+    share = selected[:, 1:-1].float().mean()
+    assert abs(share - 0.15) < 0.01
+    as_mask = (corrupted[selected] == MASK_TOKEN_ID).float().mean()
+    unchanged = (corrupted[selected] == t[selected]).float().mean()
+    assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02
+
+    small = texts()
+    features, corrupted, terms = objective(tower, small, torch.ones(4, dtype=torch.bool), gen(7))
+    _, selected = objective.corrupt(small, gen(7))
+    logits = objective.head(features)  # [B, L, V]
+    reference = F.cross_entropy(logits[selected], small[selected])
+    assert torch.allclose(terms["masked_text_loss"], reference, atol=1e-5)
+    terms["masked_text_loss"].backward()
+    assert tower.token_embedding.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("objective", ["masked_image", "masked_text", "masked_audio"])
+def test_each_objective_alone_overfits_a_fixed_batch(objective):
+    """A fixed batch with fixed masks (step 0 every time): the objective alone must at least halve its loss."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny_masked")
+    cfg.objectives.contrastive.loss.weight = 0.0
+    for name in ("masked_image", "masked_text", "masked_audio"):
+        getattr(cfg.objectives, name).loss.weight = 1.0 if name == objective else 0.0
+    task = Task(cfg)
+    batch = {"image": images(8), "text": texts(8), "audio": spectrograms(8)}
+    batch["present"] = {m: torch.ones(8, dtype=torch.bool) for m in ("image", "text", "audio")}
+    optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(120):
+        out = task(batch, step=0)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out[f"{objective}_loss"].item())
+    assert min(losses[-10:]) < losses[0] / 2, (losses[0], losses[-10:])
+
+
+def test_task_weights_schedules_and_one_pass():
+    cfg = get_preset("tiny_masked")
+    cfg.objectives.masked_image.loss = dataclasses.replace(
+        cfg.objectives.masked_image.loss, schedule="linear_warmup", warmup_steps=10
+    )
+    task = Task(cfg)
+    batch = {"image": images(4), "text": texts(4), "audio": spectrograms(4)}
+    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "audio")}
+    calls = {m: 0 for m in ("image", "text", "audio")}
+    for m in calls:
+        getattr(task.model, m).forward_features = _counting(getattr(task.model, m).forward_features, calls, m)
+    out = task(batch, step=4)
+    assert calls == {"image": 1, "text": 1, "audio": 1}  # one encoder pass per tower
+    o = cfg.objectives
+    expected = (
+        out["contrastive_loss"]
+        + 0.5 * out["masked_image_loss"]  # linear warm-up: (4 + 1) / 10
+        + o.masked_text.loss.weight * out["masked_text_loss"]
+        + out["masked_audio_loss"]
+    )
+    assert torch.allclose(out["loss"], expected)
+    assert out["masked_image_ratio"] == 0.75 and abs(float(out["masked_audio_ratio"]) - 0.8) < 0.05
+    cfg.objectives.unmasked_contrastive_pass = True
+    calls.update(image=0, text=0, audio=0)
+    task(batch, step=4)
+    assert calls == {"image": 2, "text": 2, "audio": 2}
+
+
+def _counting(fn, calls, m):
+    def wrapped(*args, **kwargs):
+        calls[m] += 1
+        return fn(*args, **kwargs)
+
+    return wrapped
