@@ -11,9 +11,9 @@ from typing import Any
 
 import torch
 
-from mmssl import data, engine, evaluate, report
+from mmssl import data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
-from mmssl.runlog import RunLog
+from mmssl.runlog import RunLog, Throughput
 from mmssl.task import Task
 
 
@@ -44,22 +44,33 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         state = eng.load(ckpt_dir, None if resume == "latest" else resume)
         step = int(state["step"])
     samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
-    log = RunLog(run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step)
+    peak, peak_source = flops.device_peak(info.device)
+    throughput = Throughput(
+        samples_per_step=samples_per_step,
+        world_size=info.world_size,
+        flops_per_sample=flops.train_flops_per_sample(cfg, cfg.optim.micro_batch_size * info.world_size),
+        peak_flops=peak,
+        tokens_per_sample=flops.tower_tokens(cfg),
+    )
+    log = RunLog(
+        run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step, throughput=throughput
+    )
     log.write(
         f"training {cfg.preset}: {sum(p.numel() for p in task.parameters()) / 1e6:.2f}M parameters, "
         f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{eng.zero_stage}, "
-        f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}"
+        f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
+        f"{throughput.flops_per_sample / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
     )
     # A resumed run reseeds the stream so it does not replay the samples it began with.
-    batches = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step)
+    batches = iter(data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step))
 
     start, first_loss, last = time.perf_counter(), None, {}
-    micro = 0
+    micro, data_wait = 0, 0.0
     eng.train()
-    for batch in batches:
-        if step >= cfg.train.steps:
-            break
-        batch = to_device(batch, info.device, eng.dtype)
+    while step < cfg.train.steps:
+        fetch = time.perf_counter()
+        batch = to_device(next(batches), info.device, eng.dtype)
+        data_wait += time.perf_counter() - fetch
         out = eng(batch, step=step, micro=micro)
         micro = (micro + 1) % cfg.optim.grad_accum_steps
         eng.backward(out["loss"])
@@ -69,8 +80,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         log.advance()
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             # the only host sync of the loop: averaging the logged scalars over ranks
-            scalars = engine.all_reduce_mean({k: v for k, v in out.items() if v.numel() == 1})
-            last = log.log(step, {**scalars, "lr": eng.lr}, samples_per_step=samples_per_step)
+            scalars = {k: v for k, v in out.items() if v.numel() == 1}
+            scalars["data_wait_seconds"] = torch.tensor(data_wait, device=out["loss"].device)
+            last = log.log(step, {**engine.all_reduce_mean(scalars), "lr": eng.lr})
+            data_wait = 0.0
             first_loss = last["loss"] if first_loss is None else first_loss
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
             tag = eng.save(ckpt_dir, step, {"step": step})
@@ -86,6 +99,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         "first_logged_loss": first_loss,
         "final_loss": last.get("loss"),
         "samples_per_s": last.get("samples_per_s"),
+        "mfu": last.get("mfu"),
+        "data_wait": last.get("data_wait"),
         "checkpoint": str(ckpt_dir),
     }
     if cfg.train.eval_at_end and cfg.data.eval_shards:
@@ -102,13 +117,18 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     return summary
 
 
+def _flops(value: float | None) -> str:
+    return f"{value / 1e9:.1f} GFLOP/s" if value else "unknown"
+
+
 def format_summary(summary: dict[str, Any], run_dir: Path) -> str:
     def fmt(x: Any, spec: str) -> str:
         return format(x, spec) if isinstance(x, int | float) else "-"
 
     lines = [
         f"done: {summary['steps']} steps on {summary['world_size']} rank(s) in {summary['seconds']} s "
-        f"({fmt(summary['samples_per_s'], '.0f')} samples/s at the end)",
+        f"({fmt(summary['samples_per_s'], '.0f')} samples/s at the end, MFU {fmt(summary['mfu'], '.1%')}, "
+        f"{fmt(summary['data_wait'], '.0%')} of the time waiting for data)",
         f"loss {fmt(summary['first_logged_loss'], '.3f')} -> {fmt(summary['final_loss'], '.3f')}",
         f"run directory: {run_dir} (config.json, metrics.jsonl, tb/, loss.png, checkpoints/"
         + (", eval.json, eval.html)" if "eval" in summary else ")"),
