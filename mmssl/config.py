@@ -32,6 +32,9 @@ class ImageTowerConfig:
     depth: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    grad_checkpointing: bool = (
+        False  # recompute block activations in backward (less memory, ~1/3 more compute)
+    )
 
     def validate(self, path: str) -> None:
         _positive(self, path, "image_size", "patch_size", "width", "depth", "heads")
@@ -57,6 +60,7 @@ class TextTowerConfig:
     heads: int = 2
     mlp_ratio: float = 4.0
     causal: bool = True  # CLIP-style causal attention; bidirectional towers serve masked language modelling
+    grad_checkpointing: bool = False
 
     def validate(self, path: str) -> None:
         _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
@@ -78,6 +82,7 @@ class AudioTowerConfig:
     depth: int = 2
     heads: int = 2
     mlp_ratio: float = 4.0
+    grad_checkpointing: bool = False
 
     def validate(self, path: str) -> None:
         _positive(self, path, "sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
@@ -292,6 +297,9 @@ class EngineConfig:
     ds_config: str = "ds_config.json"
     zero_stage: int | None = None  # None: as the JSON says
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stage >= 1)
+    offload_params: bool = False  # ZeRO-Infinity: parameters on the CPU between uses (stage 3)
+    load_universal: bool = False  # resume from a universal checkpoint (set by `--resume` on a new world size)
 
     def validate(self, path: str = "engine") -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
@@ -304,10 +312,14 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 100
+    keep_last: int = 3  # checkpoints kept; older ones are deleted once a newer one is complete
     eval_at_end: bool = True
+    max_bad_steps: int = 5  # consecutive non-finite losses (each skipped) that stop the run
+    # Fault drills: micro-batch attempts (1-based, counting every forward) whose loss is made NaN
+    inject_nonfinite_at: tuple[int, ...] = ()
 
     def validate(self, path: str = "train") -> None:
-        _positive(self, path, "steps", "log_every", "ckpt_every")
+        _positive(self, path, "steps", "log_every", "ckpt_every", "keep_last", "max_bad_steps")
 
 
 @dataclass(kw_only=True)
@@ -343,6 +355,15 @@ class RunConfig:
         for modality in MODALITIES:
             if self.objectives.masked(modality).enabled and getattr(self.model, modality) is None:
                 raise ValueError(f"objectives.masked_{modality}.enabled but model.{modality} is off")
+        if self.engine.zero_stage == 3 and self.objectives.unmasked_contrastive_pass:
+            raise ValueError(
+                "engine.zero_stage=3 runs each tower once per step (the masked pass serves the contrastive loss): "
+                "set objectives.unmasked_contrastive_pass=false"
+            )
+        if self.engine.offload_params and self.engine.zero_stage not in (None, 3):
+            raise ValueError(
+                f"engine.offload_params needs ZeRO stage 3, got engine.zero_stage={self.engine.zero_stage}"
+            )
         if self.objectives.masked_image.mode != "unstructured":
             raise ValueError("objectives.masked_image.mode: images take 'unstructured' masking only")
         text = self.model.text

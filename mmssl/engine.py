@@ -11,7 +11,11 @@ import json
 import logging
 import math
 import os
+import shutil
 import socket
+import subprocess
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,8 @@ from torch import Tensor, nn
 from mmssl.config import RunConfig
 
 ds_logger.setLevel(logging.WARNING)
+# DeepSpeed's ZeRO still calls a torch collective that torch has renamed; the warning is not ours to fix
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 
 @dataclass(frozen=True)
@@ -86,8 +92,28 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"{path}: {key}={given} disagrees with the run config (micro_batch_size={micro} x "
                 f'grad_accum_steps={accum} x world_size={world_size} gives {key}={value}); set it to "auto"'
             )
+    zero = ds.setdefault("zero_optimization", {})
     if cfg.engine.zero_stage is not None:
-        ds.setdefault("zero_optimization", {})["stage"] = cfg.engine.zero_stage
+        zero["stage"] = cfg.engine.zero_stage
+    stage = zero.get("stage", 0)
+    if cfg.engine.offload_optimizer:
+        if stage < 1:
+            raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3 (engine.zero_stage)")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        # on CPU the optimizer already runs where its state lives: torch's AdamW serves
+        ds["zero_force_ds_cpu_optimizer"] = torch.cuda.is_available()
+    if cfg.engine.offload_params:
+        if stage != 3:
+            raise ValueError(
+                f"engine.offload_params needs ZeRO stage 3, the DeepSpeed config gives stage {stage}"
+            )
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.engine.load_universal:
+        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    if stage == 3 and cfg.objectives.unmasked_contrastive_pass:
+        raise ValueError(
+            "ZeRO-3 runs each tower once per step: set objectives.unmasked_contrastive_pass=false"
+        )
     precision = cfg.engine.precision
     bf16 = ds.setdefault("bf16", {})
     if precision != "auto":
@@ -106,6 +132,10 @@ def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     o = cfg.optim
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+    if torch.cuda.is_available() and cfg.engine.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, adamw_mode=True, **kwargs)
     if torch.cuda.is_available():
         from deepspeed.ops.adam import FusedAdam
 
@@ -170,9 +200,24 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
-    def save(self, ckpt_dir: str | Path, step: int, client_state: dict[str, Any]) -> str:
+    def save(self, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], *, keep_last: int) -> str:
+        """Save atomically: every rank writes its part of ``step_<n>``; only when all are done does rank 0
+        point ``latest`` at it (write to a temporary file, then rename), so a kill at any moment leaves
+        ``latest`` naming a complete checkpoint. Then all but the newest ``keep_last`` are deleted."""
         tag = f"step_{step:08d}"
-        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state)
+        ckpt_dir = Path(ckpt_dir)
+        self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        barrier()
+        if self.info.is_main:
+            layout = {"step": step, "world_size": self.info.world_size, "zero_stage": self.zero_stage}
+            (ckpt_dir / tag / "mmssl.json").write_text(json.dumps(layout) + "\n")
+            tmp = ckpt_dir / "latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, ckpt_dir / "latest")
+            for old in sorted(ckpt_dir.glob("step_*"))[:-keep_last]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return tag
 
     def load(self, ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Any]:
@@ -190,11 +235,47 @@ def latest_tag(ckpt_dir: str | Path) -> str:
     return latest.read_text().strip()
 
 
+def saved_world_size(ckpt_dir: str | Path, tag: str) -> int | None:
+    """The number of ranks that wrote a checkpoint (None for one written elsewhere)."""
+    layout = Path(ckpt_dir) / tag / "mmssl.json"
+    return json.loads(layout.read_text())["world_size"] if layout.is_file() else None
+
+
+def to_universal(ckpt_dir: str | Path, tag: str) -> str:
+    """Convert a checkpoint to DeepSpeed's universal format (loadable by any number of ranks); returns
+    the new tag. Converted once; the original stays."""
+    out_tag = f"{tag}_universal"
+    out = Path(ckpt_dir) / out_tag
+    if not (out / "zero").is_dir():
+        command = [
+            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder", str(Path(ckpt_dir) / tag), "--output_folder", str(out),
+            "--num_extract_workers", "1", "--num_merge_workers", "1",
+            # mmssl's checkpoints carry no Megatron-style universal_checkpoint_info: add the default one
+            "--inject_missing_state",
+        ]  # fmt: skip
+        proc = subprocess.run(command, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"converting {ckpt_dir}/{tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
+            )
+    return out_tag
+
+
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
     """fp32 weights of the whole task from a checkpoint of any ZeRO stage, in one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag or latest_tag(ckpt_dir))
+
+
+def all_finite(loss: Tensor) -> bool:
+    """Whether the loss is finite on every rank. Syncs with the host once: all ranks must agree to skip
+    a step together, or ZeRO's collectives would diverge."""
+    flag = torch.isfinite(loss.detach()).all().float()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:

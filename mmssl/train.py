@@ -27,6 +27,22 @@ def to_device(batch: Any, device: torch.device, dtype: torch.dtype) -> Any:
     return batch
 
 
+def train_step(
+    eng: engine.Engine, batch: dict[str, Any], *, step: int, micro: int, poison: bool = False
+) -> dict[str, torch.Tensor] | None:
+    """One micro-batch: forward, loss, backward, optimizer step (at an accumulation boundary). Returns
+    the task's outputs plus ``stepped``, or None when the loss was not finite on some rank: then no
+    rank ran backward or step, so no weight and no optimizer state changed."""
+    out = eng(batch, step=step, micro=micro)
+    if poison:  # a fault drill (train.inject_nonfinite_at)
+        out["loss"] = out["loss"] * float("nan")
+    if not engine.all_finite(out["loss"]):
+        return None
+    eng.backward(out["loss"])
+    out["stepped"] = eng.step()
+    return out
+
+
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     info = engine.init_distributed()
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
@@ -65,16 +81,28 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     batches = iter(data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step))
 
     start, first_loss, last = time.perf_counter(), None, {}
-    micro, data_wait = 0, 0.0
+    micro, data_wait, attempts, bad_in_a_row, skipped = 0, 0.0, 0, 0, 0
     eng.train()
     while step < cfg.train.steps:
         fetch = time.perf_counter()
         batch = to_device(next(batches), info.device, eng.dtype)
         data_wait += time.perf_counter() - fetch
-        out = eng(batch, step=step, micro=micro)
+        attempts += 1
+        out = train_step(eng, batch, step=step, micro=micro, poison=attempts in cfg.train.inject_nonfinite_at)
+        if out is None:
+            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            log.write(
+                f"step {step + 1}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row, {skipped} in all)"
+            )
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise RuntimeError(
+                    f"{bad_in_a_row} consecutive non-finite losses at step {step + 1} (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}): stopping; the last good checkpoint is in {ckpt_dir}"
+                )
+            continue
+        bad_in_a_row = 0
         micro = (micro + 1) % cfg.optim.grad_accum_steps
-        eng.backward(out["loss"])
-        if not eng.step():
+        if not out.pop("stepped"):
             continue  # inside a gradient-accumulation window
         step += 1
         log.advance()
@@ -82,11 +110,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
             # the only host sync of the loop: averaging the logged scalars over ranks
             scalars = {k: v for k, v in out.items() if v.numel() == 1}
             scalars["data_wait_seconds"] = torch.tensor(data_wait, device=out["loss"].device)
-            last = log.log(step, {**engine.all_reduce_mean(scalars), "lr": eng.lr})
+            last = log.log(step, {**engine.all_reduce_mean(scalars), "lr": eng.lr, "skipped_steps": skipped})
             data_wait = 0.0
             first_loss = last["loss"] if first_loss is None else first_loss
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            tag = eng.save(ckpt_dir, step, {"step": step})
+            tag = eng.save(ckpt_dir, step, {"step": step}, keep_last=cfg.train.keep_last)
             log.write(f"step {step}: checkpoint {ckpt_dir / tag}")
     log.close()
     elapsed = time.perf_counter() - start
@@ -102,6 +130,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         "mfu": last.get("mfu"),
         "data_wait": last.get("data_wait"),
         "checkpoint": str(ckpt_dir),
+        "skipped_steps": skipped,
     }
     if cfg.train.eval_at_end and cfg.data.eval_shards:
         if eng.zero_stage == 3:

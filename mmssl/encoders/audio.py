@@ -25,6 +25,7 @@ class AudioTower(PatchTransformer):
             heads=cfg.heads,
             mlp_ratio=cfg.mlp_ratio,
             embed_dim=embed_dim,
+            grad_checkpointing=cfg.grad_checkpointing,
         )
         self.cfg = cfg
         patch = (cfg.patch_freq, cfg.patch_time)

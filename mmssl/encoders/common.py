@@ -20,7 +20,15 @@ class PatchTransformer(nn.Module):
     """
 
     def __init__(
-        self, *, num_patches: int, width: int, depth: int, heads: int, mlp_ratio: float, embed_dim: int
+        self,
+        *,
+        num_patches: int,
+        width: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        embed_dim: int,
+        grad_checkpointing: bool = False,
     ):
         super().__init__()
         scale = width**-0.5
@@ -30,6 +38,7 @@ class PatchTransformer(nn.Module):
         self.positional_embedding = nn.Parameter(scale * torch.randn(num_patches + 1, width))
         self.ln_pre = LayerNorm(width)
         self.transformer = Transformer(width, depth, heads, mlp_ratio, batch_first=True)
+        self.transformer.grad_checkpointing = grad_checkpointing
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 

@@ -21,6 +21,7 @@ class ImageTower(PatchTransformer):
             heads=cfg.heads,
             mlp_ratio=cfg.mlp_ratio,
             embed_dim=embed_dim,
+            grad_checkpointing=cfg.grad_checkpointing,
         )
         self.cfg = cfg
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)

@@ -26,6 +26,7 @@ class TextTower(nn.Module):
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, batch_first=True)
+        self.transformer.grad_checkpointing = cfg.grad_checkpointing
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
         causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)

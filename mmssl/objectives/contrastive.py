@@ -67,8 +67,9 @@ class ContrastiveObjective(nn.Module):
         self.cfg = cfg
         self.pairs = cfg.pair_names(modalities)
         init = math.log(1.0 / cfg.init_temperature)
+        # shape [1], not 0-dim: DeepSpeed's universal-checkpoint conversion cannot merge 0-dim tensors
         self.logit_scale = nn.ParameterDict(
-            {pair_name(a, b): nn.Parameter(torch.tensor(init)) for a, b in self.pairs}
+            {pair_name(a, b): nn.Parameter(torch.full((1,), init)) for a, b in self.pairs}
         )
         self.max_log_scale = math.log(cfg.max_logit_scale)
         self.loss = MaskedClipLoss(
@@ -80,7 +81,9 @@ class ContrastiveObjective(nn.Module):
         )
 
     def scales(self) -> dict[str, Tensor]:
-        return {name: p.clamp(max=self.max_log_scale).exp() for name, p in self.logit_scale.items()}
+        return {
+            name: p.clamp(max=self.max_log_scale).exp().squeeze(0) for name, p in self.logit_scale.items()
+        }
 
     def forward(
         self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
