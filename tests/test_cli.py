@@ -46,3 +46,16 @@ def test_resume_without_checkpoint_and_eval_of_nothing(capsys, demo_shards, tmp_
     err = run(capsys, "train", "--resume", "latest", "--run-dir", str(tmp_path), *shards)
     assert "--resume latest" in err
     assert str(tmp_path) in run(capsys, "eval", str(tmp_path))
+
+
+def test_zero3_with_a_second_pass_and_offload_without_zero3(capsys, demo_shards):
+    shards = [f"data.train_shards={demo_shards}/train", "data.eval_shards="]
+    err = run(capsys, "train", "--preset", "tiny_masked", *shards, "engine.zero_stage=3",
+              "objectives.unmasked_contrastive_pass=true")  # fmt: skip
+    assert "engine.zero_stage=3" in err and "unmasked_contrastive_pass" in err
+    assert "engine.offload_params" in run(
+        capsys, "train", *shards, "engine.zero_stage=2", "engine.offload_params=true"
+    )
+    assert "engine.offload_optimizer" in run(
+        capsys, "train", *shards, "engine.zero_stage=0", "engine.offload_optimizer=true"
+    )
