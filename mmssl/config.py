@@ -246,22 +246,43 @@ class ObjectivesConfig:
 
 
 @dataclass(kw_only=True)
+class SourceConfig:
+    """One set of shards in a training mix."""
+
+    shards: str
+    weight: float = 1.0
+    layout: str = "mmssl"  # mmssl | img2dataset | clap | explicit, e.g. "image=jpg;text=json:caption"
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    """Where samples come from and how the loader runs; tensor sizes come from the model config."""
+    """Where samples come from and how the loader runs; tensor sizes come from the model config.
+
+    Training reads ``train_shards`` with ``layout``, or a weighted mix of ``sources`` (then
+    ``train_shards`` stays empty), e.g. ``data.sources=[{"shards": "laion/", "layout": "img2dataset"},
+    {"shards": "clap/", "layout": "clap", "weight": 0.5}]``."""
 
     train_shards: str = ""
+    layout: str = "mmssl"
+    sources: tuple[SourceConfig, ...] = ()
     eval_shards: str = ""
+    eval_layout: str = "mmssl"
     num_workers: int = 1
     shuffle_buffer: int = 1000
+    shards_per_round: int = 4
 
     def validate(self, path: str = "data") -> None:
-        if not self.train_shards:
+        if bool(self.train_shards) == bool(self.sources):
             raise ValueError(
-                f"{path}.train_shards is empty: name the training shards (a dir, glob or brace pattern)"
+                f"{path}: name the training data in exactly one of {path}.train_shards (a dir, glob or brace "
+                f"pattern) and {path}.sources (a weighted mix)"
             )
+        for i, source in enumerate(self.sources):
+            if not source.shards or not source.weight > 0:
+                raise ValueError(f"{path}.sources[{i}] needs shards and a weight > 0, got {source}")
         if self.num_workers < 0:
             raise ValueError(f"{path}.num_workers must be >= 0, got {self.num_workers}")
-        _positive(self, path, "shuffle_buffer")
+        _positive(self, path, "shuffle_buffer", "shards_per_round")
 
 
 @dataclass(kw_only=True)
@@ -317,6 +338,7 @@ class TrainConfig:
     max_bad_steps: int = 5  # consecutive non-finite losses (each skipped) that stop the run
     # Fault drills: micro-batch attempts (1-based, counting every forward) whose loss is made NaN
     inject_nonfinite_at: tuple[int, ...] = ()
+    record_keys: bool = False  # audit: every rank appends the sample keys it trains on to RUN_DIR/keys/
 
     def validate(self, path: str = "train") -> None:
         _positive(self, path, "steps", "log_every", "ckpt_every", "keep_last", "max_bad_steps")

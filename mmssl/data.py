@@ -6,12 +6,13 @@ config, so that the towers' input contract (image size, mel settings, context le
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
 from typing import Any
 
+import torch
 from open_clip.tokenizer import SimpleTokenizer
 
-from data_pipelines import AudioSpec, ImageSpec, StreamConfig, build_loader, expand_shards
+from data_pipelines import AudioSpec, ImageSpec, StreamConfig, StreamLoader, build_loader, check_layout
 from mmssl.config import RunConfig
 
 
@@ -22,17 +23,9 @@ def tokenizer(cfg: RunConfig) -> SimpleTokenizer | None:
 
 
 def stream_config(
-    cfg: RunConfig,
-    *,
-    train: bool,
-    shards: str | None = None,
-    batch_size: int | None = None,
-    seed_offset: int = 0,
+    cfg: RunConfig, *, train: bool, shards: str | None = None, batch_size: int | None = None
 ) -> StreamConfig:
-    m = cfg.model
-    image = None
-    if m.image is not None:
-        image = ImageSpec(size=m.image.image_size)
+    m, d = cfg.model, cfg.data
     audio = None
     if m.audio is not None:
         a = m.audio
@@ -43,33 +36,55 @@ def stream_config(
             hop_length=a.hop_length,
             n_mels=a.n_mels,
         )
+    if shards or not train:
+        where = {"shards": shards or d.eval_shards, "layout": d.layout if train else d.eval_layout}
+    elif d.sources:
+        where = {"sources": tuple(dataclasses.asdict(s) for s in d.sources)}
+    else:
+        where = {"shards": d.train_shards, "layout": d.layout}
     return StreamConfig(
-        shards=shards or (cfg.data.train_shards if train else cfg.data.eval_shards),
+        **where,
         batch_size=batch_size or (cfg.optim.micro_batch_size if train else cfg.eval.batch_size),
         train=train,
-        num_workers=cfg.data.num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.train.seed + seed_offset,
-        image=image,
+        num_workers=d.num_workers,
+        shuffle_buffer=d.shuffle_buffer,
+        shards_per_round=d.shards_per_round,
+        seed=cfg.train.seed,
+        image=ImageSpec(size=m.image.image_size) if m.image is not None else None,
         audio=audio,
         text=m.text is not None,
+        pin_memory=torch.cuda.is_available(),
     )
 
 
 def check_shards(cfg: RunConfig) -> None:
-    """Fail before any worker starts when a shard path names nothing."""
-    for field in ("train_shards", "eval_shards"):
-        spec = getattr(cfg.data, field)
-        if spec:
-            try:
-                expand_shards(spec)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"data.{field}: {e}") from None
+    """Fail before any worker starts when a shard path names nothing or a layout matches no file."""
+    checks = [("data.train_shards" if cfg.data.train_shards else "data.sources", True)]
+    if cfg.data.eval_shards:
+        checks.append(("data.eval_shards", False))
+    for field, train in checks:
+        try:
+            check_layout(stream_config(cfg, train=train))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"{field}: {e}") from None
 
 
 def loader(
-    cfg: RunConfig, *, train: bool, rank: int = 0, world_size: int = 1, **kwargs: Any
-) -> Iterable[dict]:
+    cfg: RunConfig,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    resume: dict | None = None,
+    **kwargs: Any,
+) -> StreamLoader:
+    """A training loader (infinite; ``resume`` continues a checkpointed position) or an eval loader
+    (each shard once)."""
     return build_loader(
-        stream_config(cfg, train=train, **kwargs), tokenizer=tokenizer(cfg), rank=rank, world_size=world_size
+        stream_config(cfg, train=train, **kwargs),
+        tokenizer=tokenizer(cfg),
+        rank=rank,
+        world_size=world_size,
+        resume=resume,
+        check=False,  # check_shards() ran before the workers started
     )

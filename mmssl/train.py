@@ -5,12 +5,15 @@ evaluation on their own cadence. Runs identically on 1 or N ranks; the launcher 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
+from data_pipelines import BAD_KINDS, combine_states
 from mmssl import data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
 from mmssl.runlog import RunLog, Throughput
@@ -43,8 +46,50 @@ def train_step(
     return out
 
 
+class KeyLog:
+    """``RUN_DIR/keys/rank<r>.jsonl``: one line per micro-batch this rank trained on (or skipped), with the
+    optimizer step it belongs to; a resumed run first writes ``{"resumed_at": step}``."""
+
+    def __init__(self, run_dir: Path, rank: int, *, resumed_at: int | None):
+        (run_dir / "keys").mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "keys" / f"rank{rank}.jsonl", "a" if resumed_at else "w")  # noqa: SIM115
+        if resumed_at:
+            self.file.write(json.dumps({"resumed_at": resumed_at}) + "\n")
+
+    def write(self, step: int, keys: list[str], *, skipped: bool) -> None:
+        self.file.write(json.dumps({"step": step, "keys": keys, "skipped": skipped}) + "\n")
+        self.file.flush()
+
+
+def bad_data_totals(loader: Any) -> dict[str, int]:
+    """Bad samples skipped so far, summed over ranks, by kind (non-zero kinds only)."""
+    totals = engine.all_reduce_sum({k: loader.bad_data.counts.get(k, 0) for k in BAD_KINDS})
+    return {k: v for k, v in totals.items() if v}
+
+
+def report_data_warnings(rank: int) -> None:
+    """Bad-data reports (shard, key, reason) from the loader, above the progress bar, naming the rank."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(name)s: %(message)s"))
+    handler.setStream(_TqdmStream())
+    logger = logging.getLogger("data_pipelines")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+
+
+class _TqdmStream:
+    def write(self, text: str) -> None:
+        if text.strip():
+            tqdm.write(text.rstrip())
+
+    def flush(self) -> None:
+        pass
+
+
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     info = engine.init_distributed()
+    report_data_warnings(info.rank)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     task = Task(cfg, rank=info.rank, world_size=info.world_size)
     eng = engine.Engine(task, cfg, info)
@@ -55,10 +100,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         save_json(cfg, run_dir / "config.json")
         (run_dir / "ds_config.json").write_text(json.dumps(eng.ds_config, indent=2) + "\n")
 
-    step = 0
+    step, data_state = 0, None
     if resume:
         state = eng.load(ckpt_dir, None if resume == "latest" else resume)
-        step = int(state["step"])
+        step, data_state = int(state["step"]), state.get("data")
     samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
     peak, peak_source = flops.device_peak(info.device)
     throughput = Throughput(
@@ -77,8 +122,10 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
         f"{throughput.flops_per_sample / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
     )
-    # A resumed run reseeds the stream so it does not replay the samples it began with.
-    batches = iter(data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, seed_offset=step))
+    # a resumed loader continues at the next sample this run had not consumed
+    loader = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state)
+    batches = iter(loader)
+    keys = KeyLog(run_dir, info.rank, resumed_at=step if resume else None) if cfg.train.record_keys else None
 
     start, first_loss, last = time.perf_counter(), None, {}
     micro, data_wait, attempts, bad_in_a_row, skipped = 0, 0.0, 0, 0, 0
@@ -89,6 +136,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         data_wait += time.perf_counter() - fetch
         attempts += 1
         out = train_step(eng, batch, step=step, micro=micro, poison=attempts in cfg.train.inject_nonfinite_at)
+        if keys is not None:
+            keys.write(step + 1, batch["__key__"], skipped=out is None)
         if out is None:
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
             log.write(
@@ -110,11 +159,17 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
             # the only host sync of the loop: averaging the logged scalars over ranks
             scalars = {k: v for k, v in out.items() if v.numel() == 1}
             scalars["data_wait_seconds"] = torch.tensor(data_wait, device=out["loss"].device)
-            last = log.log(step, {**engine.all_reduce_mean(scalars), "lr": eng.lr, "skipped_steps": skipped})
+            bad = {f"bad_{k}": v for k, v in bad_data_totals(loader).items()}
+            last = log.log(
+                step, {**engine.all_reduce_mean(scalars), "lr": eng.lr, "skipped_steps": skipped, **bad}
+            )
             data_wait = 0.0
             first_loss = last["loss"] if first_loss is None else first_loss
         if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            tag = eng.save(ckpt_dir, step, {"step": step}, keep_last=cfg.train.keep_last)
+            # every rank's loader position, taken between steps: what the trainer consumed, not what
+            # the loader workers prefetched
+            positions = combine_states(engine.all_gather_object(loader.state_dict()))
+            tag = eng.save(ckpt_dir, step, {"step": step, "data": positions}, keep_last=cfg.train.keep_last)
             log.write(f"step {step}: checkpoint {ckpt_dir / tag}")
     log.close()
     elapsed = time.perf_counter() - start
@@ -131,6 +186,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         "data_wait": last.get("data_wait"),
         "checkpoint": str(ckpt_dir),
         "skipped_steps": skipped,
+        "bad_data": bad_data_totals(loader),
     }
     if cfg.train.eval_at_end and cfg.data.eval_shards:
         if eng.zero_stage == 3:

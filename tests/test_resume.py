@@ -1,0 +1,105 @@
+"""Exact resume through the trainer: a run killed (SIGKILL, one rank) and resumed from its latest
+checkpoint trains on exactly the samples, and reaches exactly the losses, of an uninterrupted run."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def command(run_dir: Path, shards: Path, nproc: int, workers: int, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny_masked", "--nproc", str(nproc),
+        "--run-dir", str(run_dir), f"data.train_shards={shards}/train", "data.eval_shards=",
+        f"data.num_workers={workers}", "data.shuffle_buffer=50", "optim.micro_batch_size=8",
+        "train.log_every=1", "train.ckpt_every=2", "train.record_keys=true", f"train.steps={STEPS}", *extra,
+    ]  # fmt: skip
+
+
+def run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of every step (a resumed run logs again the steps it redoes)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def consumed(run_dir: Path, rank: int) -> list[str]:
+    """Keys a rank trained on, in order, dropping what a killed run did after its last checkpoint."""
+    keys: list[tuple[int, list[str]]] = []
+    for line in (run_dir / "keys" / f"rank{rank}.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "resumed_at" in row:
+            keys = [(step, k) for step, k in keys if step <= row["resumed_at"]]
+        else:
+            keys.append((row["step"], row["keys"]))
+    return [key for _, k in keys for key in k]
+
+
+def rank_pid(run_dir: Path, rank: int) -> int | None:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (
+            f"{run_dir}/config.json" in cmdline
+            and f"RANK={rank}".encode() in environ
+            and "-m mmssl.cli" in cmdline
+        ):
+            return int(pid)
+    return None
+
+
+@pytest.mark.parametrize("nproc, workers", [(1, 0), pytest.param(2, 2, marks=pytest.mark.distributed)])
+def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers):
+    reference = tmp_path / "reference"
+    run(command(reference, demo_shards, nproc, workers))
+
+    faulty = tmp_path / "faulty"
+    job = subprocess.Popen(
+        command(faulty, demo_shards, nproc, workers), cwd=REPO, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    kill_after = random.randint(3, STEPS - 3)
+    deadline = time.time() + 300
+    while time.time() < deadline and job.poll() is None:
+        if (faulty / "metrics.jsonl").is_file() and len(losses(faulty)) >= kill_after:
+            pid = rank_pid(faulty, nproc - 1)
+            if pid:
+                os.kill(pid, signal.SIGKILL)  # one rank dies; the launcher takes the others down
+                break
+        time.sleep(0.02)
+    try:
+        job.wait(timeout=120)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    assert job.returncode != 0, "the job finished before it could be killed"
+    resumed_from = int((faulty / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 0 < resumed_from < STEPS
+
+    run([*command(faulty, demo_shards, nproc, workers), "--resume", "latest"])
+    want, got = losses(reference), losses(faulty)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (step, resumed_from)
+    for rank in range(nproc):
+        ours, theirs = consumed(faulty, rank), consumed(reference, rank)
+        assert ours == theirs, f"rank {rank}: resumed from step {resumed_from}"
+        assert len(ours) == STEPS * 8 and all(k.startswith("train_") for k in ours)
