@@ -3,12 +3,20 @@
 This package never imports mmssl: mmssl hands it specs (ImageSpec, AudioSpec) and a tokenizer.
 """
 
+from data_pipelines.bad_data import BAD_KINDS, BadDataTally, BadSample
 from data_pipelines.collate import MODALITIES, collate
+from data_pipelines.config import SourceConfig, StreamConfig
+from data_pipelines.decode import check_layout, decode_sample, templates
 from data_pipelines.demo import build_spoken_digits
+from data_pipelines.layouts import PRESETS, Layout, parse_layout, resolve_layout
+from data_pipelines.manifest import write_from_manifest
+from data_pipelines.position import combine_states
+from data_pipelines.reports import format_verify_report, format_write_summary
 from data_pipelines.shards import count_samples, iter_samples, write_shards
 from data_pipelines.specs import AudioSpec, ImageSpec
-from data_pipelines.stream import StreamConfig, build_loader, decode_sample, expand_shards
-from data_pipelines.synthetic import synthetic_samples
+from data_pipelines.stream import StreamLoader, build_loader
+from data_pipelines.synthetic import clap_samples, img2dataset_samples, synthetic_samples
+from data_pipelines.tario import ShardError, expand_shards, scan_shard
 from data_pipelines.transforms import (
     Tokenizer,
     audio_to_logmel,
@@ -19,17 +27,29 @@ from data_pipelines.transforms import (
     resample,
     tokenize,
 )
+from data_pipelines.verify import verify_exit_code, verify_shards
 
 __all__ = [
+    "BAD_KINDS",
     "MODALITIES",
+    "PRESETS",
     "AudioSpec",
+    "BadDataTally",
+    "BadSample",
     "ImageSpec",
+    "Layout",
+    "ShardError",
+    "SourceConfig",
     "StreamConfig",
+    "StreamLoader",
     "Tokenizer",
     "audio_to_logmel",
     "build_loader",
     "build_spoken_digits",
+    "check_layout",
+    "clap_samples",
     "collate",
+    "combine_states",
     "count_samples",
     "crop_or_pad",
     "decode_audio",
@@ -37,9 +57,19 @@ __all__ = [
     "decode_sample",
     "decode_text",
     "expand_shards",
+    "format_verify_report",
+    "format_write_summary",
+    "img2dataset_samples",
     "iter_samples",
+    "parse_layout",
     "resample",
+    "resolve_layout",
+    "scan_shard",
     "synthetic_samples",
+    "templates",
     "tokenize",
+    "verify_exit_code",
+    "verify_shards",
+    "write_from_manifest",
     "write_shards",
 ]

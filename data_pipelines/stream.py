@@ -1,129 +1,47 @@
-"""The WebDataset pipeline: shard list -> samples -> decoded tensors -> batches, as an explicit list of stages.
+"""The sample stream: shards -> samples -> decoded tensors -> batches, as an explicit list of stages.
 
-This is the only module that assembles a webdataset pipeline. Train mode reads resampled shards
-forever (use `.with_epoch(n)` on the loader to bound an epoch); eval mode reads each shard once, in order.
+Training, for rank r and logical stream w (one per loader worker); every random choice is seeded from
+(seed, generation, r, w, purpose, ...), never from the process, the clock or the order of events:
+    1. rounds    per source, round k draws `shards_per_round` of its shards at random, with replacement
+    2. scan      tar headers -> sample references (bytes not read yet); damaged shards are recorded
+    3. shuffle   per source and round, a buffer of `shuffle_buffer` references, emptied at the round's end
+    4. mix       per sample, the source to take it from, by weight
+    5. load      the sample's bytes
+    6. decode    layout -> tensors; random crops / caption picks seeded by the sample's index in the stream;
+                 bad samples recorded and skipped
+    7. batch     collate (presence masks) + "__position__", "__skipped__", "__bad__"
+Steps 1-4 touch no file contents, so resuming (see position.py) replays them cheaply.
 
-Seeds: every random choice (shard draws, shuffle buffer, audio crops) is seeded from
-(cfg.seed, rank, worker, epoch), so two ranks or two workers never draw the same sequence and a run is
-reproducible from cfg.seed alone. webdataset's own defaults are not: ResampledShards mixes in the pid,
-the clock and os.urandom unless deterministic=True, and its shuffle seeds from the pid and clock.
+Evaluation reads every shard of every source once, in order: rank r takes shards r, r + R, ..., and its
+worker w of those every W-th from w (no process group needed); steps 2, 5, 6, 7. Ranks may see
+different sample counts; each worker ends on its own partial batch.
 """
 
-import functools
-import glob
+import contextlib
+import hashlib
 import json
 import os
 import random
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from typing import Any
 
-import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 
+from data_pipelines.bad_data import BadDataLog, BadDataTally, BadSample, format_record
 from data_pipelines.collate import collate
-from data_pipelines.specs import AudioSpec, ImageSpec
-from data_pipelines.transforms import (
-    Tokenizer,
-    audio_to_logmel,
-    decode_audio,
-    decode_image,
-    decode_text,
-    tokenize,
-)
+from data_pipelines.config import StreamConfig
+from data_pipelines.decode import check_layout, decode_sample, templates
+from data_pipelines.position import LoaderPosition, restore
+from data_pipelines.tario import SampleRef, ShardError, expand_shards, scan_shard
+from data_pipelines.transforms import Tokenizer
 
-_GLOB_CHARS = frozenset("*?[")
+_MIX_CHUNK = 4096  # source choices drawn per seeded chunk
 
 
-@dataclass(kw_only=True)
-class StreamConfig:
-    """One stream of shards for one rank. Modalities left as None (or text=False) are not loaded."""
-
-    shards: str  # brace pattern, glob, directory of *.tar, or a comma-separated list of these
-    batch_size: int  # per rank
-    train: bool = True  # resampled shards + shuffle + random crops; False: each shard once, in order
-    num_workers: int = 1
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    image: ImageSpec | None = None
-    audio: AudioSpec | None = None
-    text: bool = True
-    image_keys: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
-    audio_keys: tuple[str, ...] = ("wav", "flac", "ogg", "mp3")
-    text_keys: tuple[str, ...] = ("txt",)
-
-    def __post_init__(self) -> None:
-        if self.batch_size <= 0:
-            raise ValueError(f"StreamConfig.batch_size must be positive, got {self.batch_size}")
-        if self.num_workers < 0:
-            raise ValueError(f"StreamConfig.num_workers must be >= 0, got {self.num_workers}")
-        if self.shuffle_buffer < 0:
-            raise ValueError(f"StreamConfig.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
-        if self.seed < 0:
-            raise ValueError(f"StreamConfig.seed must be >= 0, got {self.seed}")
-        if self.image is None and self.audio is None and not self.text:
-            raise ValueError("StreamConfig loads no modality: set image, audio or text")
-
-    def modality_keys(self) -> dict[str, tuple[str, ...]]:
-        """Configured modality -> the file extensions that may hold it (first match wins)."""
-        keys = {"image": self.image_keys, "text": self.text_keys, "audio": self.audio_keys}
-        wanted = {"image": self.image is not None, "text": self.text, "audio": self.audio is not None}
-        return {m: tuple(k.lower().lstrip(".") for k in keys[m]) for m in keys if wanted[m]}
-
-
-# ---------------------------------------------------------------------------------------------- shards
-
-
-def _split_top_level(spec: str) -> list[str]:
-    """Split on commas outside braces, so "a-{0,1}.tar,b/*.tar" gives two parts."""
-    parts, depth, start = [], 0, 0
-    for i, char in enumerate(spec):
-        depth += {"{": 1, "}": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(spec[start:i])
-            start = i + 1
-    parts.append(spec[start:])
-    return [p.strip() for p in parts if p.strip()]
-
-
-def expand_shards(spec: str) -> list[str]:
-    """Resolve a shard spec to an explicit list of existing local .tar paths, in order.
-
-    Forms (combinable with commas): "dir/shard-{000000..000003}.tar" (every expansion must exist),
-    "dir/*.tar" (sorted glob, must match), "dir" (its *.tar, sorted, must have some), "dir/x.tar".
-    """
-    parts = _split_top_level(spec)
-    if not parts:
-        raise ValueError(f"empty shard spec {spec!r}")
-    urls: list[str] = []
-    for part in parts:
-        try:
-            paths = list(braceexpand.braceexpand(os.path.expanduser(part)))
-        except braceexpand.UnbalancedBracesError as exn:
-            raise ValueError(f"unbalanced braces in shard spec {spec!r}") from exn
-        for path in paths:
-            if _GLOB_CHARS & set(path):
-                matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
-                if not matches:
-                    raise FileNotFoundError(f"no shard file matches {path!r} (from shard spec {spec!r})")
-                urls.extend(matches)
-            elif os.path.isdir(path):
-                matches = sorted(glob.glob(os.path.join(glob.escape(path), "*.tar")))
-                if not matches:
-                    raise FileNotFoundError(
-                        f"no *.tar shard in directory {path!r} (from shard spec {spec!r})"
-                    )
-                urls.extend(matches)
-            elif os.path.isfile(path):
-                urls.append(path)
-            else:
-                raise FileNotFoundError(f"shard {path!r} does not exist (from shard spec {spec!r})")
-    return urls
-
-
-# ----------------------------------------------------------------------------------------------- seeds
+def _seed(*parts: int | str) -> int:
+    """A well-mixed 64-bit seed from parts ((1, 0) and (0, 1) do not collide)."""
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little")
 
 
 def _worker() -> tuple[int, int]:
@@ -131,122 +49,251 @@ def _worker() -> tuple[int, int]:
     return (0, 1) if info is None else (info.id, info.num_workers)
 
 
-def _mix(*parts: int) -> int:
-    """Well-mixed 32-bit seed from non-negative ints (unlike sums, (1, 0) and (0, 1) do not collide)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+def fingerprint(cfg: StreamConfig, urls: list[list[str]]) -> str:
+    """What fixes the order of raw samples: seed, shard names per source, shuffle and round sizes.
 
-
-# Distinct streams of randomness per purpose.
-_SHARDS, _SHUFFLE, _CROP = 1, 2, 3
-
-
-@dataclass
-class _WorkerSeed:
-    """ResampledShards' worker_seed: called inside each loader worker, so it sees that worker's id."""
-
-    seed: int
-    rank: int
-
-    def __call__(self) -> int:
-        return _mix(self.seed, self.rank, _worker()[0], _SHARDS)
-
-
-class _Shuffle:
-    """Sample-level shuffle buffer with an rng seeded per (seed, rank, worker, epoch)."""
-
-    def __init__(self, bufsize: int, seed: int, rank: int) -> None:
-        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, -1
-
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        rng = random.Random(_mix(self.seed, self.rank, _worker()[0], self.epoch, _SHUFFLE))
-        return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
-
-
-# ---------------------------------------------------------------------------------------------- decode
-
-
-def has_modality(sample: Mapping[str, Any], keys: Mapping[str, tuple[str, ...]]) -> bool:
-    """False for samples holding none of the configured modalities (e.g. the end-of-shard marker)."""
-    return any(k in sample for exts in keys.values() for k in exts)
-
-
-def _first(sample: Mapping[str, Any], exts: tuple[str, ...]) -> bytes | None:
-    return next((sample[k] for k in exts if k in sample), None)
-
-
-def _label(sample: Mapping[str, Any]) -> int:
-    if "json" not in sample:
-        return -1
-    meta = json.loads(sample["json"])
-    if not isinstance(meta, dict):
-        raise ValueError(f"json must be an object, got {type(meta).__name__}")
-    return -1 if meta.get("label") is None else int(meta["label"])
-
-
-def decode_sample(
-    sample: Mapping[str, Any],
-    cfg: StreamConfig,
-    *,
-    tokenizer: Tokenizer | None,
-    generator: torch.Generator | None,
-) -> dict[str, Any]:
-    """Raw sample (extension -> bytes) -> {"__key__", "label", modality: tensor or None (missing)}.
-
-    Any failure is raised as one ValueError naming the shard and the sample key.
+    Shard file names, not paths, so moving the shards elsewhere keeps a resume exact.
     """
-    key, url = sample.get("__key__"), sample.get("__url__")
-    keys = cfg.modality_keys()
+    what = {
+        "seed": cfg.seed,
+        "shuffle_buffer": cfg.shuffle_buffer,
+        "shards_per_round": cfg.shards_per_round,
+        "shards": [[os.path.basename(u) for u in source] for source in urls],
+    }
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def _shuffle(items: Iterator[SampleRef], size: int, rng: random.Random) -> Iterator[SampleRef]:
+    """Fill a buffer of `size`, then for each new item yield a random one and put the new one in its place;
+    at the end, yield the rest in random order."""
+    buffer: list[SampleRef] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class _Dataset(torch.utils.data.IterableDataset):
+    """The stages above for one rank; each loader worker runs one logical stream."""
+
+    def __init__(
+        self,
+        cfg: StreamConfig,
+        urls: list[list[str]],
+        tokenizer: Tokenizer | None,
+        rank: int,
+        world_size: int,
+        start: LoaderPosition,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.urls, self.tokenizer = cfg, urls, tokenizer
+        self.rank, self.world_size, self.start = rank, world_size, start
+        self.layouts = [s.layout for s in cfg.source_list()]
+        weights = np.array([s.weight for s in cfg.source_list()], dtype=np.float64)
+        self.weights = weights / weights.sum()
+        self.templates = templates(cfg, tokenizer)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = _worker()
+        if not self.cfg.train:
+            return self._eval(worker, num_workers)
+        assert num_workers == self.start.num_streams, (num_workers, self.start.num_streams)
+        return self._train((worker + self.start.next_stream) % num_workers)
+
+    # ------------------------------------------------------------------------------------------ stages
+
+    def _scan(self, url: str, report: Callable[[dict[str, Any]], None]) -> Iterator[SampleRef]:
+        try:
+            yield from scan_shard(url)
+        except ShardError as exn:
+            report({"kind": exn.kind, "shard": url, "key": exn.key, "reason": exn.reason})
+
+    def _rounds(
+        self, base: tuple, source: int, round_: int, offset: int, log: BadDataLog
+    ) -> Iterator[tuple[SampleRef, list[int]]]:
+        """One source's references forever, each with the source position after it: [round, offset]."""
+        urls, empty_rounds = self.urls[source], 0
+        while True:
+            chosen = random.Random(_seed(*base, "round", source, round_)).choices(
+                urls, k=self.cfg.shards_per_round
+            )
+            # Damage found while re-reading what the trainer already consumed was reported then.
+            quiet = [offset > 0]
+
+            def report(record: dict[str, Any], quiet: list[bool] = quiet) -> None:
+                if not quiet[0]:
+                    log.add(record)
+
+            refs = (r for url in chosen for r in self._scan(url, report))
+            shuffle_rng = random.Random(_seed(*base, "shuffle", source, round_))
+            taken = 0
+            for ref in _shuffle(refs, max(1, self.cfg.shuffle_buffer), shuffle_rng):
+                taken += 1
+                if taken <= offset:
+                    quiet[0] = taken < offset
+                    continue
+                yield ref, [round_, taken]
+            empty_rounds = 0 if taken else empty_rounds + 1
+            if empty_rounds >= 20:
+                raise RuntimeError(
+                    f"source {source} ({self.cfg.source_list()[source].shards!r}): 20 rounds in a row "
+                    f"found no readable sample (last shards drawn: {chosen})"
+                )
+            round_, offset = round_ + 1, 0
+
+    def _decode(
+        self, ref: SampleRef, source: int, seed: int | None, log: BadDataLog
+    ) -> dict[str, Any] | None:
+        try:
+            if ref.problem:
+                raise BadSample("duplicate_file", ref.url, ref.key, ref.problem)
+            try:
+                raw = ref.load()
+            except OSError as exn:
+                raise ShardError(
+                    "unreadable_shard", ref.url, ref.key, f"{type(exn).__name__}: {exn}"
+                ) from exn
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            return decode_sample(
+                raw,
+                self.cfg,
+                layout=self.layouts[source],
+                tokenizer=self.tokenizer,
+                generator=generator,
+                templates=self.templates,
+            )
+        except (BadSample, ShardError) as exn:
+            log.add({"kind": exn.kind, "shard": exn.url, "key": exn.key, "reason": exn.reason})
+            return None
+
+    def _train(self, stream: int) -> Iterator[dict[str, Any]]:
+        cfg, generation = self.cfg, self.start.generation
+        base = (cfg.seed, generation, self.rank, stream)
+        saved = self.start.streams[stream] or {}
+        n, batches = saved.get("n", 0), saved.get("batches", 0)
+        positions = [list(p) for p in saved.get("sources", [[0, 0]] * len(self.urls))]
+        log = BadDataLog.empty()
+        readers = [self._rounds(base, s, *positions[s], log) for s in range(len(self.urls))]
+        choices, chunk = np.zeros(0, dtype=np.int64), -1
+        samples: list[dict[str, Any]] = []
+        bad_in_a_row = 0
+        while True:
+            if len(self.urls) > 1 and n // _MIX_CHUNK != chunk:
+                chunk = n // _MIX_CHUNK
+                mix_rng = np.random.default_rng(_seed(*base, "mix", chunk))
+                choices = mix_rng.choice(len(self.urls), size=_MIX_CHUNK, p=self.weights)
+            source = int(choices[n % _MIX_CHUNK]) if len(self.urls) > 1 else 0
+            ref, positions[source] = next(readers[source])
+            sample = self._decode(ref, source, _seed(*base, "sample", n), log)
+            n += 1
+            if sample is None:
+                bad_in_a_row += 1
+                if bad_in_a_row >= cfg.max_bad_in_a_row:
+                    raise RuntimeError(
+                        f"{bad_in_a_row} bad samples in a row (StreamConfig.max_bad_in_a_row); the last: "
+                        f"{format_record(log.last) if log.last else ref.key}"
+                    )
+                continue
+            bad_in_a_row = 0
+            samples.append(sample)
+            if len(samples) == cfg.batch_size:
+                batches += 1
+                batch = collate(samples, templates=self.templates)
+                batch["__position__"] = {
+                    "generation": generation,
+                    "stream": stream,
+                    "n": n,
+                    "sources": [list(p) for p in positions],
+                    "batches": batches,
+                }
+                batch.update(log.take())
+                yield batch
+                samples = []
+
+    def _eval(self, worker: int, num_workers: int) -> Iterator[dict[str, Any]]:
+        pairs = [(s, url) for s, urls in enumerate(self.urls) for url in urls]
+        mine = pairs[self.rank :: self.world_size][worker::num_workers]
+        log, samples = BadDataLog.empty(), []
+        for source, url in mine:
+            for ref in self._scan(url, log.add):
+                sample = self._decode(ref, source, None, log)
+                if sample is None:
+                    continue
+                samples.append(sample)
+                if len(samples) == self.cfg.batch_size:
+                    yield {**collate(samples, templates=self.templates), **log.take()}
+                    samples = []
+        if samples:
+            yield {**collate(samples, templates=self.templates), **log.take()}
+        if log.counts:  # found after the last sample: StreamLoader takes these and yields nothing
+            yield {"__carrier__": True, **log.take()}
+
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """Decode in the calling process with one intra-op thread, then restore the count.
+
+    Per-sample ops are tiny: with several threads they run ~1.5x slower on an idle 2-core machine and
+    up to 20x slower on a busy one. Loader workers already run with one thread (torch sets it).
+    """
+    threads = torch.get_num_threads()
+    if enabled and threads > 1:
+        torch.set_num_threads(1)
     try:
-        out: dict[str, Any] = {"__key__": key, "label": _label(sample)}
-        if "image" in keys:
-            data = _first(sample, keys["image"])
-            out["image"] = None if data is None else decode_image(data, cfg.image, cfg.train)  # [3, S, S]
-        if "text" in keys:
-            data = _first(sample, keys["text"])
-            out["text"] = None if data is None else tokenize(decode_text(data), tokenizer)  # [L]
-        if "audio" in keys:
-            data = _first(sample, keys["audio"])
-            if data is None:
-                out["audio"] = None
-            else:
-                wave, sr = decode_audio(data)  # [T]
-                out["audio"] = audio_to_logmel(wave, sr, cfg.audio, cfg.train, generator)  # [M, F]
-    except Exception as exn:
-        reason = f"{type(exn).__name__}: {exn}".replace("\n", " ")
-        raise ValueError(f"cannot decode sample {key!r} of shard {url}: {reason}") from exn
-    return out
+        yield
+    finally:
+        if enabled and threads > 1:
+            torch.set_num_threads(threads)
 
 
-class _Decode:
-    """Pipeline stage around decode_sample; owns the per-worker generator for random crops."""
+class StreamLoader:
+    """Batches for one rank (collate's format plus the keys below), recording what the trainer consumed.
 
-    def __init__(self, cfg: StreamConfig, tokenizer: Tokenizer | None, rank: int) -> None:
-        self.cfg, self.tokenizer, self.rank, self.epoch = cfg, tokenizer, rank, -1
+    Extra batch keys: "__skipped__" {kind: count} and "__bad__" [records] (bad_data.py), and in training
+    "__position__" (position.py). As batches are handed out, `bad_data` totals them (and logs the
+    records) and, in training, `position` records them; `state_dict()` is what a checkpoint saves.
+    A training loader is one endless stream (iterating it again continues where the last loop stopped);
+    an eval loader reads its shards once per iteration.
+    """
 
-    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
-        self.epoch += 1
-        generator = None
-        if self.cfg.train:
-            seed = _mix(self.cfg.seed, self.rank, _worker()[0], self.epoch, _CROP)
-            generator = torch.Generator().manual_seed(seed)
-        for sample in src:
-            yield decode_sample(sample, self.cfg, tokenizer=self.tokenizer, generator=generator)
+    def __init__(self, cfg: StreamConfig, dataset: _Dataset, bad_counts: dict[str, int]) -> None:
+        self.cfg, self.position = cfg, dataset.start
+        self.bad_data = BadDataTally(counts=bad_counts)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory
+        )
+        self._batches: Iterator[dict[str, Any]] | None = None
 
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Training: one endless stream, so iterating again continues it. Eval: a new pass each time.
+        if not self.cfg.train:
+            batches: Iterator[dict[str, Any]] = iter(self.loader)
+        else:
+            if self._batches is None:
+                self._batches = iter(self.loader)
+            batches = self._batches
+        while True:
+            with _one_thread(self.cfg.num_workers == 0):
+                batch = next(batches, None)
+            if batch is None:
+                return
+            self.bad_data.update(batch)
+            if batch.get("__carrier__"):
+                continue
+            if self.cfg.train:
+                self.position.update(batch)
+            yield batch
 
-def _templates(cfg: StreamConfig, tokenizer: Tokenizer | None) -> dict[str, torch.Tensor]:
-    """Per-sample zero tensors, used by collate when a whole batch lacks a modality."""
-    templates = {}
-    if cfg.image is not None:
-        templates["image"] = torch.zeros(3, cfg.image.size, cfg.image.size)
-    if cfg.text and tokenizer is not None:
-        templates["text"] = torch.zeros_like(tokenize("", tokenizer))
-    if cfg.audio is not None:
-        templates["audio"] = torch.zeros(cfg.audio.n_mels, cfg.audio.n_frames)
-    return templates
-
-
-# ---------------------------------------------------------------------------------------------- loader
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's position and bad-data totals (JSON-able); combine ranks with combine_states()."""
+        if not self.cfg.train:
+            raise ValueError("an eval loader reads its shards once and has no position to save")
+        return {**self.position.state_dict(), "bad_counts": dict(self.bad_data.counts)}
 
 
 def build_loader(
@@ -255,53 +302,36 @@ def build_loader(
     tokenizer: Tokenizer | None = None,
     rank: int = 0,
     world_size: int = 1,
-) -> wds.WebLoader:
-    """Batches of collate()'s format for one rank. Train mode never ends; eval mode reads its shards once.
+    resume: dict[str, Any] | None = None,
+    check: bool = True,
+) -> StreamLoader:
+    """The loader of one rank. Train mode never ends; eval mode reads its shards once per iteration.
 
-    Eval with world_size > 1 gives rank r the shards r, r + world_size, ... (no process group needed),
-    so ranks may see different sample counts; with several workers each worker ends on its own
-    partial batch.
+    `resume`: a state saved from earlier loaders (combine_states() of every rank's state_dict()); the
+    streams continue at the next sample the trainer had not consumed (position.py says what happens
+    when the world size, worker count, seed or shards changed). `check` runs check_layout() first.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
     if cfg.text and tokenizer is None:
         raise ValueError("StreamConfig.text is True but no tokenizer was given to build_loader")
-    urls = expand_shards(cfg.shards)
-    keys = cfg.modality_keys()
-
-    if cfg.train:
-        # Resampled shards need no node/worker split: each (rank, worker) draws its own sequence.
-        shard_stages: list[Any] = [
-            wds.ResampledShards(
-                urls, seed=cfg.seed, worker_seed=_WorkerSeed(cfg.seed, rank), deterministic=True
-            )
-        ]
-    else:
-        mine = urls[rank::world_size]
-        if not mine:
-            raise ValueError(f"rank {rank} of {world_size} gets no shard: {cfg.shards!r} has {len(urls)}")
-        shard_stages = [wds.SimpleShardList(mine), wds.split_by_worker]
-
-    stages: list[Callable | Any] = [
-        *shard_stages,
-        wds.tarfile_to_samples(),  # {"__key__", "__url__", ext: bytes}
-        wds.select(functools.partial(has_modality, keys=keys)),
-    ]
-    if cfg.train and cfg.shuffle_buffer > 1:
-        stages.append(_Shuffle(cfg.shuffle_buffer, cfg.seed, rank))
-    stages += [
-        _Decode(cfg, tokenizer, rank),
-        wds.batched(
-            cfg.batch_size,
-            collation_fn=functools.partial(collate, templates=_templates(cfg, tokenizer)),
-            partial=not cfg.train,
-        ),
-    ]
-    dataset = wds.DataPipeline(*stages)
-    return wds.WebLoader(
-        dataset,
-        batch_size=None,
-        shuffle=False,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+    if resume is not None and not cfg.train:
+        raise ValueError(
+            "resume is for training loaders; an eval loader always reads its shards from the start"
+        )
+    urls = [expand_shards(s.shards) for s in cfg.source_list()]
+    if check:
+        check_layout(cfg)
+    if not cfg.train:
+        total = sum(len(u) for u in urls)
+        if rank >= total:
+            raise ValueError(f"rank {rank} of {world_size} gets no shard: the sources have {total}")
+    start, bad_counts = restore(
+        resume,
+        rank=rank,
+        world_size=world_size,
+        num_streams=max(1, cfg.num_workers),
+        fingerprint=fingerprint(cfg, urls),
     )
+    dataset = _Dataset(cfg, urls, tokenizer, rank, world_size, start)
+    return StreamLoader(cfg, dataset, bad_counts)

@@ -2,13 +2,14 @@
 
 Axis legend: C channels, H height, W width, T audio samples, M mel bins, F frames, L tokens.
 All functions take raw bytes (or a decoded waveform) and return CPU tensors; they hold no state
-except cached, stateless torchaudio modules.
+except cached constants (resampling kernels, windows, mel filter banks).
 """
 
 import functools
 import io
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import soundfile
@@ -46,8 +47,33 @@ def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:
     wave, sample_rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)  # [T, channels]
     if wave.shape[0] == 0:
         raise ValueError("audio has no samples")
-    mono = wave.mean(axis=1, dtype=np.float32)  # [T]
+    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)  # [T]
     return torch.from_numpy(np.ascontiguousarray(mono)), int(sample_rate)
+
+
+def probe_image(data: bytes) -> str:
+    """Decode image bytes fully (raising on anything PIL cannot read) and return PIL's format name."""
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return str(img.format)
+
+
+def probe_audio(data: bytes) -> dict[str, int | str]:
+    """Decode audio bytes fully (raising on anything libsndfile cannot read, or no samples).
+
+    Returns {"format" (libsndfile's: WAV, FLAC, OGG, MP3, ...), "sample_rate", "channels", "frames"}.
+    """
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        wave = f.read(dtype="float32", always_2d=True)  # [T, channels]
+        fmt, rate, channels = f.format, f.samplerate, f.channels
+    if wave.shape[0] == 0:
+        raise ValueError("audio has no samples")
+    return {
+        "format": "MP3" if fmt == "MPEG" else fmt,
+        "sample_rate": rate,
+        "channels": channels,
+        "frames": wave.shape[0],
+    }
 
 
 def decode_text(data: bytes) -> str:
@@ -65,17 +91,51 @@ def tokenize(caption: str, tokenizer: Tokenizer) -> torch.Tensor:
     return tokens[0].long()  # [L]
 
 
-@functools.cache
-def _resampler(orig_rate: int, new_rate: int) -> torchaudio.transforms.Resample:
-    # The module precomputes its sinc kernel; rebuilding it per clip (functional.resample) is ~15x slower.
-    return torchaudio.transforms.Resample(orig_rate, new_rate)
+@dataclass(frozen=True)
+class _Resampler:
+    """torchaudio's windowed-sinc resampler (its kernel, so the output matches to float rounding) applied
+    as one matmul over strided frames: ~25% faster per clip than its conv1d on one CPU thread."""
+
+    kernel: torch.Tensor  # [K, new] with K = 2 * width + orig (orig, new reduced by their gcd)
+    width: int
+    orig: int
+    new: int
+
+    def __call__(self, wave: torch.Tensor) -> torch.Tensor:
+        length = wave.shape[-1]
+        padded = torch.nn.functional.pad(wave, (self.width, self.width + self.orig))  # [T + K]
+        frames = padded.unfold(0, self.kernel.shape[0], self.orig)  # [N, K], one frame per `orig` samples
+        out = rearrange(frames @ self.kernel, "n new -> (n new)")  # [N * new]
+        return out[: -(-self.new * length // self.orig)]  # ceil(length * new / orig)
 
 
 @functools.cache
-def _mel(sample_rate: int, n_fft: int, hop_length: int, n_mels: int) -> torchaudio.transforms.MelSpectrogram:
-    return torchaudio.transforms.MelSpectrogram(
-        sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, center=True, power=2.0
-    )
+def _resampler(orig_rate: int, new_rate: int) -> _Resampler:
+    # The kernel is computed once per pair of rates; rebuilding it per clip (functional.resample) is ~15x slower.
+    module = torchaudio.transforms.Resample(orig_rate, new_rate)
+    kernel = rearrange(module.kernel, "new 1 k -> k new").contiguous()
+    return _Resampler(kernel, module.width, orig_rate // module.gcd, new_rate // module.gcd)
+
+
+@functools.cache
+def _mel_parts(sample_rate: int, n_fft: int, n_mels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchaudio.transforms.MelSpectrogram's defaults: periodic Hann window, HTK mel bins over 0..sr/2."""
+    window = torch.hann_window(n_fft)  # [n_fft]
+    banks = torchaudio.functional.melscale_fbanks(n_fft // 2 + 1, 0.0, sample_rate / 2, n_mels, sample_rate)
+    return window, rearrange(banks, "f m -> m f").contiguous()  # [M, n_fft // 2 + 1]
+
+
+def mel_spectrogram(
+    wave: torch.Tensor, sample_rate: int, n_fft: int, hop_length: int, n_mels: int
+) -> torch.Tensor:
+    """[T] -> power mel spectrogram [M, T // hop + 1] (centred frames), equal to torchaudio's
+    MelSpectrogram(power=2) up to float rounding and ~1.5x faster per clip (no complex abs)."""
+    window, banks = _mel_parts(sample_rate, n_fft, n_mels)
+    spec = torch.stft(
+        wave, n_fft, hop_length, window=window, center=True, pad_mode="reflect", return_complex=True
+    )  # [n_fft // 2 + 1, F] complex
+    power = spec.real.square() + spec.imag.square()
+    return banks @ power  # [M, F]
 
 
 def resample(wave: torch.Tensor, orig_rate: int, new_rate: int) -> torch.Tensor:
@@ -92,11 +152,55 @@ def crop_or_pad(
     """[T] -> [length]: random crop (train) or centre crop (eval) when longer, zero pad on the right when shorter."""
     excess = wave.shape[0] - length
     if excess > 0:
-        start = int(torch.randint(0, excess + 1, (1,), generator=generator)) if train else excess // 2
+        start = crop_start(wave.shape[0], length, train=train, generator=generator)
         return wave[start : start + length]
     if excess < 0:
         return torch.nn.functional.pad(wave, (0, -excess))
     return wave
+
+
+def clip_span(spec: AudioSpec, sr: int) -> int:
+    """Samples at rate `sr` that resample to one clip of spec.clip_samples at spec.sample_rate."""
+    return (
+        spec.clip_samples if sr == spec.sample_rate else math.ceil(spec.clip_samples * sr / spec.sample_rate)
+    )
+
+
+def crop_start(length: int, span: int, *, train: bool, generator: torch.Generator | None = None) -> int:
+    """Where crop_or_pad starts a `span`-long crop of `length` samples (0 when nothing is cut)."""
+    excess = length - span
+    if excess <= 0:
+        return 0
+    return int(torch.randint(0, excess + 1, (1,), generator=generator)) if train else excess // 2
+
+
+def decode_audio_clip(
+    data: bytes, spec: AudioSpec, train: bool, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, int]:
+    """Like decode_audio followed by the crop audio_to_logmel makes, but reads only the kept span.
+
+    Returns (mono float32 [<= span], rate); audio_to_logmel then pads it if short. The crop start is
+    drawn exactly as crop_or_pad draws it, so the result equals decoding everything and cropping
+    (checked for wav, flac, ogg, mp3); long wav/flac/ogg clips decode several times faster (MP3 is
+    decoded from its start, as libsndfile's MP3 seeks are not sample-accurate).
+    """
+    with soundfile.SoundFile(io.BytesIO(data)) as f:
+        sr, frames = int(f.samplerate), int(f.frames)
+        if frames <= 0:
+            raise ValueError("audio has no samples")
+        span = clip_span(spec, sr)
+        start = crop_start(frames, span, train=train, generator=generator)
+        # libsndfile's MP3 seeks are not sample-accurate: decode from the start up to the span's end
+        if f.format in ("MP3", "MPEG"):
+            wave = f.read(start + min(span, frames), dtype="float32", always_2d=True)[start:]
+        else:
+            if start:
+                f.seek(start)
+            wave = f.read(min(span, frames), dtype="float32", always_2d=True)  # [T, channels]
+    if wave.shape[0] == 0:
+        raise ValueError(f"audio reports {frames} samples but none could be read at {start}")
+    mono = wave[:, 0] if wave.shape[1] == 1 else wave.mean(axis=1, dtype=np.float32)  # [T]
+    return torch.from_numpy(np.ascontiguousarray(mono)), sr
 
 
 def audio_to_logmel(
@@ -117,15 +221,13 @@ def audio_to_logmel(
     if wave.dim() != 1:
         raise ValueError(f"audio_to_logmel expects a mono waveform [T], got shape {tuple(wave.shape)}")
     if sr != spec.sample_rate:
-        span = math.ceil(spec.clip_samples * sr / spec.sample_rate)
-        wave = crop_or_pad(wave, span, train=train, generator=generator)  # [span] at sr
+        wave = crop_or_pad(wave, clip_span(spec, sr), train=train, generator=generator)  # [span] at sr
         wave = resample(wave, sr, spec.sample_rate)  # [>= clip_samples] at spec.sample_rate
         wave = crop_or_pad(wave, spec.clip_samples, train=False)  # drops the rounding sample, if any
     else:
         wave = crop_or_pad(wave, spec.clip_samples, train=train, generator=generator)  # [clip_samples]
-    mel_fn = _mel(spec.sample_rate, spec.n_fft, spec.hop_length, spec.n_mels)
     with torch.no_grad():
-        mel = mel_fn(wave)  # [M, F]
+        mel = mel_spectrogram(wave, spec.sample_rate, spec.n_fft, spec.hop_length, spec.n_mels)  # [M, F]
     logmel = (torch.log(mel + _LOG_EPS) - spec.mean) / (2 * spec.std)
     assert logmel.shape == (spec.n_mels, spec.n_frames), (tuple(logmel.shape), spec)
     return logmel  # [n_mels, n_frames]

@@ -92,3 +92,67 @@ def test_expand_shards_rejects_empty_and_unbalanced_specs():
         expand_shards(" , ")
     with pytest.raises(ValueError, match="unbalanced braces"):
         expand_shards("a-{000..001.tar")
+
+
+def test_shards_interoperate_with_webdataset(tmp_path):
+    import webdataset as wds
+
+    ours = write_shards(synthetic_samples(5), tmp_path / "ours", max_count=3)["pattern"]
+    theirs = [s for s in wds.DataPipeline(wds.SimpleShardList(expand_shards(ours)), wds.tarfile_to_samples())]
+    theirs = [s for s in theirs if "png" in s]
+    assert [s["__key__"] for s in theirs] == [s["__key__"] for s in iter_samples(ours)]
+    (tmp_path / "wds").mkdir()
+    with wds.ShardWriter(str(tmp_path / "wds" / "w-%06d.tar"), maxcount=2, verbose=0) as sink:
+        for sample in synthetic_samples(5):
+            sink.write(sample)
+    read = list(iter_samples(str(tmp_path / "wds")))
+    assert [s["__key__"] for s in read] == [f"syn_{i:06d}" for i in range(5)]
+    assert read[3]["png"] == list(synthetic_samples(5))[3]["png"]
+
+
+def test_same_samples_give_byte_identical_shards(tmp_path):
+    a = write_shards(synthetic_samples(4), tmp_path / "a")
+    b = write_shards(synthetic_samples(4), tmp_path / "b")
+    assert (tmp_path / "a/shard-000000.tar").read_bytes() == (tmp_path / "b/shard-000000.tar").read_bytes()
+    assert a["bytes"] == b["bytes"]
+
+
+def test_max_bytes_is_a_hard_limit_except_for_a_lone_oversize_sample(tmp_path):
+    samples = [{"__key__": f"k{i}", "txt": "x" * (4000 if i != 3 else 30000)} for i in range(6)]
+    summary = write_shards(samples, tmp_path, max_bytes=20480)
+    for name, size in summary["bytes"].items():
+        assert size == os.path.getsize(tmp_path / name)
+        assert size <= 20480 or summary["shards"][name] == 1
+    assert summary["oversize"] == ["k3"] and summary["total"] == 6
+    assert [s["__key__"] for s in iter_samples(summary["pattern"])] == [f"k{i}" for i in range(6)]
+
+
+def test_a_failed_write_leaves_finished_shards_and_no_partial_file(tmp_path):
+    samples = [{"__key__": "a", "txt": "fine"}, {"__key__": "b", "txt": "fine"}, {"__key__": "c", "cls": 3}]
+    with pytest.raises(ValueError, match="sample 'c': cls is a int"):
+        write_shards(samples, tmp_path, max_count=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["shard-000000.tar"]  # no .part, no sizes.json
+
+
+@pytest.mark.parametrize(
+    "damage, kind, last_key",
+    [
+        (lambda raw, offsets: raw[: offsets[2] + 100], "truncated_tar", "syn_000001"),  # inside a file
+        # at a file boundary: sample 1 might have had more files, so it is not trusted
+        (lambda raw, offsets: raw[: offsets[2] - 512], "truncated_tar", "syn_000000"),
+        (lambda raw, offsets: raw[:100], "unreadable_shard", None),  # not even one header
+        (lambda raw, offsets: b"", "unreadable_shard", None),
+    ],
+)
+def test_damaged_shards_raise_after_their_complete_samples(tmp_path, damage, kind, last_key):
+    from data_pipelines import ShardError, scan_shard
+
+    path = tmp_path / "shard-000000.tar"
+    write_shards(synthetic_samples(4), tmp_path)
+    offsets = [ref.files[0][1] for ref in scan_shard(str(path))]  # where each sample's first file starts
+    path.write_bytes(damage(path.read_bytes(), offsets))
+    keys = []
+    with pytest.raises(ShardError, match=kind) as info:
+        keys.extend(ref.key for ref in scan_shard(str(path)))
+    assert info.value.kind == kind and info.value.key == last_key and str(path) in str(info.value)
+    assert keys == ([] if last_key is None else [f"syn_{i:06d}" for i in range(int(last_key[-1]) + 1)])

@@ -105,7 +105,8 @@ def test_train_ranks_draw_different_sequences(shards, tokenizer):
 
 def test_modalities_not_configured_are_not_loaded(shards):
     batch = next(iter(build_loader(config(shards, train=False, num_workers=0, audio=None, text=False))))
-    assert set(batch) == {"__key__", "label", "image", "present"} and set(batch["present"]) == {"image"}
+    assert set(batch) == {"__key__", "label", "image", "present", "__skipped__", "__bad__"}
+    assert set(batch["present"]) == {"image"} and batch["__skipped__"] == {} and batch["__bad__"] == []
 
 
 def test_missing_modalities_get_zero_rows_and_false_masks(tmp_path, tokenizer):
@@ -125,14 +126,39 @@ def test_missing_modalities_get_zero_rows_and_false_masks(tmp_path, tokenizer):
     assert seen_missing > 0
 
 
-def test_decode_error_names_shard_and_key(tmp_path, tokenizer):
+def test_undecodable_image_is_skipped_and_reported_with_shard_and_key(tmp_path, tokenizer):
     samples = list(synthetic_samples(3))
     samples[1]["png"] = b"not a png"
     pattern = write_shards(samples, tmp_path)["pattern"]
-    with pytest.raises(ValueError, match=r"'syn_000001' of shard .*shard-000000\.tar"):
-        list(build_loader(config(pattern, train=False, num_workers=0), tokenizer=tokenizer))
+    loader = build_loader(config(pattern, train=False, num_workers=0), tokenizer=tokenizer)
+    batches = list(loader)
+    assert [k for b in batches for k in b["__key__"]] == ["syn_000000", "syn_000002"]
+    assert batches[0]["__skipped__"] == {"bad_image": 1}
+    (record,) = batches[0]["__bad__"]
+    assert record["kind"] == "bad_image" and record["key"] == "syn_000001"
+    assert record["shard"].endswith("shard-000000.tar") and "UnidentifiedImageError" in record["reason"]
+    assert loader.bad_data.counts == {"bad_image": 1}
 
 
 def test_text_needs_a_tokenizer(shards):
     with pytest.raises(ValueError, match="tokenizer"):
         build_loader(config(shards))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_eval_reads_every_source_once_with_its_own_layout(tmp_path, tokenizer, num_workers):
+    from data_pipelines import clap_samples, img2dataset_samples
+
+    images = write_shards(img2dataset_samples(7), tmp_path / "i", max_count=3)["pattern"]
+    sounds = write_shards(clap_samples(5, sample_rate=8000), tmp_path / "a", max_count=3)["pattern"]
+    cfg = config(
+        "", sources=[(images, 1, "img2dataset"), (sounds, 5, "clap")], train=False, num_workers=num_workers
+    )
+    batches = list(build_loader(cfg, tokenizer=tokenizer, rank=1, world_size=2)) + list(
+        build_loader(cfg, tokenizer=tokenizer, rank=0, world_size=2)
+    )
+    keys = sorted(k for b in batches for k in b["__key__"])
+    assert keys == sorted([f"i2d{i:09d}" for i in range(7)] + [f"clap_{i:06d}" for i in range(5)])
+    for b in batches:
+        is_image = torch.tensor([k.startswith("i2d") for k in b["__key__"]])
+        assert torch.equal(b["present"]["image"], is_image) and torch.equal(b["present"]["audio"], ~is_image)

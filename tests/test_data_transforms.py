@@ -1,6 +1,7 @@
 """Per-modality transforms and collate: exact shapes, resampling, crops, presence masks."""
 
 import io
+import math
 
 import numpy as np
 import pytest
@@ -120,3 +121,72 @@ def test_specs_reject_bad_values():
         AudioSpec(sample_rate=16000, clip_samples=100, n_fft=64, hop_length=0, n_mels=8)
     with pytest.raises(ValueError, match="size"):
         ImageSpec(size=0)
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
+@pytest.mark.parametrize("rate, channels", [(8000, 1), (22050, 2), (48000, 2)])
+def test_every_audio_format_decodes_to_the_configured_shape(fmt, rate, channels):
+    from data_pipelines.synthetic import audio_bytes
+
+    data = audio_bytes(3, rate, 0.3, channels, fmt)
+    assert fmt.upper() in soundfile.available_formats()
+    wave, sr = decode_audio(data)
+    assert sr == rate and wave.dim() == 1 and wave.dtype == torch.float32
+    assert abs(wave.shape[0] - 0.3 * rate) < 0.02 * rate  # mp3/ogg codecs may add a few ms of padding
+    for train in (True, False):  # 0.3 s is shorter than the 0.5 s clip: right-padded
+        out = audio_to_logmel(wave, sr, SPEC, train, torch.Generator().manual_seed(0))
+        assert out.shape == (SPEC.n_mels, SPEC.n_frames) and torch.isfinite(out).all()
+    long = audio_to_logmel(torch.cat([wave] * 3), sr, SPEC, False)  # 0.9 s: centre-cropped to 0.5 s
+    assert long.shape == (SPEC.n_mels, SPEC.n_frames)
+
+
+def test_stereo_channels_are_mixed_for_every_format():
+    t = np.arange(8000, dtype=np.float32) / 16000
+    left = 0.4 * np.sin(2 * np.pi * 500 * t)
+    for fmt, subtype in (("WAV", "FLOAT"), ("FLAC", "PCM_24")):
+        buffer = io.BytesIO()
+        soundfile.write(buffer, np.stack([left, -left], axis=1), 16000, format=fmt, subtype=subtype)
+        wave, _ = decode_audio(buffer.getvalue())
+        assert wave.abs().max() < 1e-4  # opposite channels cancel in the mono mix
+
+
+@pytest.mark.parametrize("orig, new", [(22050, 16000), (44100, 16000), (8000, 16000), (48000, 32000)])
+@pytest.mark.parametrize("length", [1, 999, 44100])
+def test_fast_resample_matches_torchaudio(orig, new, length):
+    import torchaudio
+
+    wave = torch.randn(length, generator=torch.Generator().manual_seed(length))
+    ours = T.resample(wave, orig, new)
+    reference = torchaudio.transforms.Resample(orig, new)(wave)  # what this code used before
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_fft, hop, n_mels, rate", [(400, 160, 64, 16000), (256, 64, 16, 8000)])
+def test_fast_mel_spectrogram_matches_torchaudio(n_fft, hop, n_mels, rate):
+    import torchaudio
+
+    wave = torch.randn(rate // 3, generator=torch.Generator().manual_seed(0))
+    reference = torchaudio.transforms.MelSpectrogram(
+        sample_rate=rate, n_fft=n_fft, hop_length=hop, n_mels=n_mels, center=True, power=2.0
+    )(wave)
+    ours = T.mel_spectrogram(wave, rate, n_fft, hop, n_mels)
+    assert ours.shape == reference.shape == (n_mels, wave.shape[0] // hop + 1)
+    assert torch.allclose(ours, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["wav", "flac", "ogg", "mp3"])
+@pytest.mark.parametrize("train", [True, False])
+def test_reading_only_the_clip_equals_decoding_everything_and_cropping(fmt, train):
+    from data_pipelines.synthetic import audio_bytes
+    from data_pipelines.transforms import decode_audio_clip
+
+    data = audio_bytes(4, 44100, 1.5, 2, fmt)  # 1.5 s: three times the 0.5 s clip
+
+    def logmel(wave_and_rate: tuple[torch.Tensor, int]) -> torch.Tensor:
+        return audio_to_logmel(*wave_and_rate, SPEC, train, torch.Generator().manual_seed(7))
+
+    whole = logmel(decode_audio(data))
+    clip = decode_audio_clip(data, SPEC, train, torch.Generator().manual_seed(7))
+    assert clip[0].shape[0] == math.ceil(SPEC.clip_samples * 44100 / SPEC.sample_rate)
+    assert torch.allclose(logmel(clip), whole, atol=1e-3 if fmt == "mp3" else 1e-6)

@@ -1,0 +1,113 @@
+"""Read every sample of a set of shards and report what is there and what is broken.
+
+`verify_shards` returns data and prints nothing (except a tqdm bar when asked); the CLI formats it.
+Exit-code rule (`verify_exit_code`): 1 when any shard is unreadable (cannot be opened, not a tar, or
+ends early), else 0; with strict=True also 1 when any sample is bad or a sizes.json count disagrees.
+"""
+
+import os
+from collections import Counter
+from typing import Any
+
+from tqdm import tqdm
+
+from data_pipelines.bad_data import BAD_KINDS, BadSample
+from data_pipelines.decode import inspect_sample
+from data_pipelines.layouts import Layout, resolve_layout
+from data_pipelines.shards import read_sizes
+from data_pipelines.tario import ShardError, expand_shards, scan_shard
+
+
+def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool = False) -> dict[str, Any]:
+    """Decode every sample of the shards in `spec` (images and audio fully, no transforms) under `layout`.
+
+    Returns:
+        shards          number of shard files
+        samples         samples read (good + bad)
+        good            samples holding at least one readable modality and nothing broken
+        modalities      {image/text/audio: good samples holding it}
+        combinations    {"image+text": n, ...} over good samples
+        extensions      {ext: samples holding a file with it} (to pick a layout)
+        bad             [{"shard", "key", "kind", "reason"}] every bad sample, in order
+        bad_counts      {kind: n}
+        unreadable      [{"shard", "kind", "key" (last good sample or None), "reason"}]
+        sizes_mismatch  [{"shard", "sizes_json", "read"}] where a sizes.json count disagrees
+        per_shard       {shard: {"samples", "bad"}}
+    Raises FileNotFoundError/ValueError when the spec matches no file (the run-time errors are reported).
+    """
+    layout = resolve_layout(layout)
+    urls = expand_shards(spec)
+    report: dict[str, Any] = {
+        "shards": len(urls),
+        "layout": layout.name,
+        "samples": 0,
+        "good": 0,
+        "modalities": {m: 0 for m in ("image", "text", "audio") if layout.entries(m)},
+        "combinations": {},
+        "extensions": {},
+        "bad": [],
+        "bad_counts": {},
+        "unreadable": [],
+        "sizes_mismatch": [],
+        "per_shard": {},
+    }
+    combos: Counter[str] = Counter()
+    extensions: Counter[str] = Counter()
+    bad_counts: Counter[str] = Counter()
+    sizes_cache: dict[str, dict[str, int]] = {}
+    bar = tqdm(urls, desc="verifying", unit="shard", disable=not progress)
+    for url in bar:
+        read = bad = 0
+        try:
+            for ref in scan_shard(url):
+                read += 1
+                extensions.update({ext for ext, _, _ in ref.files})
+                try:
+                    if ref.problem:
+                        raise BadSample("duplicate_file", url, ref.key, ref.problem)
+                    present = inspect_sample(ref.load(), layout)
+                except BadSample as exn:
+                    bad += 1
+                    bad_counts[exn.kind] += 1
+                    report["bad"].append(
+                        {"shard": url, "key": ref.key, "kind": exn.kind, "reason": exn.reason}
+                    )
+                    continue
+                combos["+".join(present)] += 1
+                for modality in present:
+                    report["modalities"][modality] += 1
+        except ShardError as exn:
+            report["unreadable"].append(
+                {"shard": url, "kind": exn.kind, "key": exn.key, "reason": exn.reason}
+            )
+        except OSError as exn:  # the file went away or cannot be read mid-way
+            reason = f"{type(exn).__name__}: {exn}"
+            report["unreadable"].append(
+                {"shard": url, "kind": "unreadable_shard", "key": None, "reason": reason}
+            )
+        directory = os.path.dirname(url) or "."
+        if directory not in sizes_cache:
+            try:
+                sizes_cache[directory] = read_sizes(directory)
+            except ValueError:
+                sizes_cache[directory] = {}
+        listed = sizes_cache[directory].get(os.path.basename(url))
+        if listed is not None and int(listed) != read:
+            report["sizes_mismatch"].append({"shard": url, "sizes_json": int(listed), "read": read})
+        report["per_shard"][url] = {"samples": read, "bad": bad}
+        report["samples"] += read
+        report["good"] += read - bad
+        bar.set_postfix(samples=report["samples"], bad=sum(bad_counts.values()))
+    report["combinations"] = dict(combos.most_common())
+    report["extensions"] = dict(extensions.most_common())
+    report["bad_counts"] = {k: bad_counts[k] for k in BAD_KINDS if bad_counts[k]}
+    return report
+
+
+def verify_exit_code(report: dict[str, Any], *, strict: bool = False) -> int:
+    """1 when a shard is unreadable (or, with strict, anything is bad or miscounted), else 0."""
+    if report["unreadable"]:
+        return 1
+    if strict and (report["bad"] or report["sizes_mismatch"]):
+        return 1
+    return 0
