@@ -1,4 +1,4 @@
-"""The ONLY command-line parser. ``mmssl train | eval | demo-data``.
+"""The ONLY command-line parser. ``mmssl train | eval | embed | export | shards | demo-data``.
 
 Everything a run needs is checked here, in the first process, before any worker starts: preset
 names, dotted overrides, config values, shard paths and the DeepSpeed batch identity. A mistake ends
@@ -25,7 +25,7 @@ def user_errors() -> Iterator[None]:
     Only the checks run inside; errors raised while training keep their traceback."""
     try:
         yield
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"mmssl: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
@@ -50,33 +50,64 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         train(build_config(args), resume=args.resume)
         return 0
+    world = None if args.hostfile else args.nproc * args.nnodes  # with a hostfile its slots decide
     with user_errors():
         cfg = build_config(args)
         data.check_shards(cfg)
-        engine.resolve_ds_config(cfg, world_size=args.nproc)
+        if world:
+            engine.resolve_ds_config(cfg, world_size=world)
         run_dir = Path(cfg.run_dir)
-        if args.resume and not (run_dir / "checkpoints" / "latest").is_file():
-            raise ValueError(f"--resume {args.resume}: {run_dir / 'checkpoints'} holds no checkpoint")
-    if args.nproc == 1:
+        resume = args.resume and resume_tag(args.resume, run_dir / "checkpoints", world, cfg)
+    if world == 1:
         from mmssl.train import train
 
-        train(cfg, resume=args.resume)
+        train(cfg, resume=resume)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")
     env = dict(os.environ)
     if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    if args.hostfile:  # several nodes, started from this one over ssh
+        where = ["--hostfile", args.hostfile] + (
+            ["--master_addr", args.master_addr] if args.master_addr else []
+        )
+    elif args.nnodes > 1:  # one launcher per node (SLURM's srun): no ssh
+        where = ["--no_ssh", "--num_nodes", str(args.nnodes), "--node_rank", str(args.node_rank),
+                 "--master_addr", args.master_addr or "127.0.0.1", "--num_gpus", str(args.nproc)]  # fmt: skip
+    else:
+        where = ["--num_gpus", str(args.nproc)]
     command = [
-        sys.executable, "-m", "deepspeed.launcher.runner",
-        "--num_gpus", str(args.nproc),
-        "--master_port", str(engine.free_port()),
+        sys.executable, "-m", "deepspeed.launcher.runner", *where,
+        "--master_port", str(args.master_port or engine.free_port()),
         "--no_local_rank", "--log_level", "warning",
         "--module", "mmssl.cli", "train", "--config", str(run_dir / "config.json"),
     ]  # fmt: skip
-    if args.resume:
-        command += ["--resume", args.resume]
+    if resume:
+        command += ["--resume", resume]
     return subprocess.run(command, env=env).returncode
+
+
+def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -> str:
+    """The checkpoint tag to resume from. A checkpoint written by another number of ranks is converted
+    to DeepSpeed's universal format first, and the run loads it as such (the step count is kept; the
+    data stream cannot continue exactly and reseeds, with a warning)."""
+    from mmssl import engine
+
+    if not (ckpt_dir / "latest").is_file():
+        raise ValueError(f"--resume {resume}: {ckpt_dir} holds no checkpoint")
+    tag = engine.latest_tag(ckpt_dir) if resume == "latest" else resume
+    if not (ckpt_dir / tag).is_dir():
+        raise ValueError(f"--resume {resume}: there is no checkpoint {ckpt_dir / tag}")
+    saved = engine.saved_world_size(ckpt_dir, tag)
+    if tag.endswith("_universal"):
+        cfg.engine.load_universal = True
+    elif world and saved and saved != world:
+        print(f"mmssl: {tag} was written by {saved} ranks and this run has {world}: converting it to a "
+              "universal checkpoint", file=sys.stderr)  # fmt: skip
+        tag = engine.to_universal(ckpt_dir, tag)
+        cfg.engine.load_universal = True
+    return tag
 
 
 def _has_cuda() -> bool:
@@ -85,22 +116,146 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """Run this same command on ``--nproc`` local ranks (torch's launcher; each rank joins a process group)."""
+    import torch.distributed.run  # noqa: F401 - fail here, not in the child, if it is missing
+
+    env = dict(os.environ)
+    if not _has_cuda():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    # the workers know their ranks from the launcher; "--nproc" must go, as the launcher would take it
+    # for an abbreviation of its own --nproc-per-node
+    argv, skip = [], False
+    for arg in args.argv:
+        if not skip and arg != "--nproc" and not arg.startswith("--nproc="):
+            argv.append(arg)
+        skip = arg == "--nproc"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+        "-m", "mmssl.cli", *argv,
+    ]  # fmt: skip
+    return subprocess.run(command, env=env).returncode
+
+
+def _check_shards(spec: str, what: str) -> None:
+    """Raise naming ``what`` when ``spec`` names no shard."""
+    from data_pipelines import expand_shards
+
+    try:
+        expand_shards(spec)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"{what}: {e}") from None
+
+
+def eval_setup(args: argparse.Namespace):
+    """Everything ``eval`` needs that can be wrong, checked before any weight is read or rank started."""
+    from mmssl import checkpoint, evaluate, zeroshot
+
+    cfg, run_dir = checkpoint.find_config(args.checkpoint)
+    apply_overrides(cfg, args.overrides)
+    cfg.eval.validate()
+    cfg.data.eval_shards = args.data or cfg.data.eval_shards
+    if not cfg.data.eval_shards:
+        raise ValueError("no evaluation data: pass --data SHARDS")
+    _check_shards(cfg.data.eval_shards, "--data" if args.data else "data.eval_shards")
+    probe = None
+    if args.probe_data and not args.no_probe:
+        _check_shards(args.probe_data, "--probe-data")
+        probe = args.probe_data
+    elif not args.no_probe and cfg.data.train_shards:
+        with contextlib.suppress(ValueError):  # the run's train split, when it is still there
+            _check_shards(cfg.data.train_shards, "data.train_shards")
+            probe = cfg.data.train_shards
+    templates = zeroshot.DEFAULT_TEMPLATES
+    if args.templates:
+        templates = zeroshot.check_templates(tuple(zeroshot.read_list(args.templates)))
+    plan = evaluate.EvalPlan(
+        probe_shards=probe,
+        classes=zeroshot.read_list(args.classes) if args.classes else None,
+        templates=templates,
+        zeroshot=not args.no_zeroshot,
+        metrics=run_dir / "metrics.jsonl",
+    )
+    return cfg, plan, Path(args.out or run_dir)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    worker = launched_by_launcher()
+    with user_errors():
+        cfg, plan, out = eval_setup(args)
+    if args.nproc > 1 and not worker:
+        return _launch(args)
+
+    from mmssl import checkpoint, engine, evaluate
+
+    rank, world_size = 0, 1
+    if worker:
+        info = engine.init_distributed()
+        rank, world_size, device = info.rank, info.world_size, info.device
+    else:
+        import torch
+
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with user_errors():
+        model = checkpoint.load(args.checkpoint).model
+    if rank == 0:
+        print(f"evaluating {args.checkpoint} on {cfg.data.eval_shards} ({world_size} rank(s))", flush=True)
+    evaluate.run_eval(model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size)
+    if worker:
+        engine.shutdown()
+    if rank == 0:
+        print(f"wrote {out / 'eval.json'}, {out / 'eval.html'} (tables, similarity.png, loss.png)")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
-    from mmssl import checkpoint, data, evaluate
+    from mmssl import checkpoint
+    from mmssl.embed import embed_shards, format_summary
 
     with user_errors():
-        model, cfg, run_dir = checkpoint.load_model(args.checkpoint)
-        apply_overrides(cfg, args.overrides)
-        if args.data:
-            cfg.data.eval_shards = args.data
-        if not cfg.data.eval_shards:
-            raise ValueError("no evaluation data: pass --data SHARDS")
-        data.check_shards(cfg)
-        cfg.validate()
+        _check_shards(args.data, "--data")
+        ckpt = checkpoint.load(args.checkpoint)
+    if args.batch_size:
+        ckpt.cfg.eval.batch_size = args.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluate.run_eval(model.to(device), cfg, Path(args.out or run_dir), device=device)
+    manifest = embed_shards(
+        ckpt.model.to(device), ckpt.cfg, args.data, args.out, device=device, source=ckpt.source
+    )
+    print(format_summary(manifest, args.out))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from mmssl.export import export, format_summary
+
+    with user_errors():
+        summary = export(args.checkpoint, args.out)
+    print(format_summary(summary))
+    return 0
+
+
+def cmd_shards(args: argparse.Namespace) -> int:
+    import data_pipelines as dp
+
+    with user_errors():
+        if args.verify:
+            report = dp.verify_shards(args.verify, layout=args.layout, progress=True)
+        else:
+            if not (args.folder and args.manifest and args.out):
+                raise ValueError("mmssl shards FOLDER MANIFEST --out OUT (or --verify SHARDS)")
+            summary = dp.write_from_manifest(
+                args.folder, args.manifest, args.out,
+                image_col=args.image_col, audio_col=args.audio_col, text_col=args.text_col,
+                label_col=args.label_col, key_col=args.key_col, group_col=args.group_col,
+                max_count=args.max_count, max_bytes=args.max_bytes, test_fraction=args.test_fraction,
+                seed=args.seed, progress=True,
+            )  # fmt: skip
+    if args.verify:
+        print(dp.format_verify_report(report))
+        return dp.verify_exit_code(report, strict=args.strict)
+    print(dp.format_write_summary(summary))
     return 0
 
 
@@ -135,17 +290,78 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
     t.add_argument("--run-dir", help="where config, logs, checkpoints and reports go")
     t.add_argument("--resume", help="'latest' or a checkpoint tag in RUN_DIR/checkpoints")
+    t.add_argument("--hostfile", help="DeepSpeed hostfile: train on its nodes, started from here over ssh")
+    t.add_argument("--nnodes", type=int, default=1, help="nodes, each running this command (SLURM)")
+    t.add_argument("--node-rank", type=int, default=0, help="this node's index among --nnodes")
+    t.add_argument("--master-addr", help="address of the first node (multi-node)")
+    t.add_argument("--master-port", type=int, help="rendezvous port (default: a free one)")
     t.add_argument(
         "overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides, e.g. optim.lr=3e-4"
     )
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="retrieval recall for every modality pair on held-out shards")
-    e.add_argument("checkpoint", help="a run directory, its checkpoints/ folder or one checkpoint in it")
+    e = sub.add_parser(
+        "eval", help="retrieval for every modality pair, zero-shot classification and a linear probe"
+    )
+    e.add_argument(
+        "checkpoint", help="a run directory, its checkpoints/ folder, one checkpoint, or an export"
+    )
     e.add_argument("--data", help="evaluation shards (default: the run's data.eval_shards)")
-    e.add_argument("--out", help="where eval.json and eval.html go (default: the run directory)")
+    e.add_argument("--out", help="where eval.json, eval.html and the PNGs go (default: the run directory)")
+    e.add_argument("--nproc", type=int, default=1, help="ranks that share the embedding work")
+    e.add_argument(
+        "--classes",
+        help="zero-shot class names, a JSON list or one per line (default: classes.json by the shards)",
+    )
+    e.add_argument(
+        "--templates", help="zero-shot prompt templates with {} for the class name, JSON list or lines"
+    )
+    e.add_argument(
+        "--probe-data", help="train split for the linear probe (default: the run's data.train_shards)"
+    )
+    e.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    e.add_argument("--no-zeroshot", action="store_true", help="skip zero-shot classification")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. eval.match=pair")
     e.set_defaults(func=cmd_eval)
+
+    b = sub.add_parser("embed", help="embeddings of every sample of some shards, per modality (.npy + keys)")
+    b.add_argument(
+        "checkpoint", help="a run directory, its checkpoints/ folder, one checkpoint, or an export"
+    )
+    b.add_argument("--data", required=True, help="the shards to embed")
+    b.add_argument(
+        "--out", required=True, help="folder for <modality>.npy, <modality>_keys.txt, manifest.json"
+    )
+    b.add_argument(
+        "--batch-size", type=int, default=None, help="samples per forward (default: eval.batch_size)"
+    )
+    b.set_defaults(func=cmd_embed)
+
+    x = sub.add_parser("export", help="consolidated fp32 safetensors + config, and an open_clip checkpoint")
+    x.add_argument(
+        "checkpoint", help="a run directory, its checkpoints/ folder or one checkpoint (any ZeRO stage)"
+    )
+    x.add_argument("--out", required=True, help="the export folder")
+    x.set_defaults(func=cmd_export)
+
+    s = sub.add_parser(
+        "shards", help="write shards from a folder and a JSONL/CSV manifest, or --verify shards"
+    )
+    s.add_argument("folder", nargs="?", help="the folder the manifest's paths are relative to")
+    s.add_argument("manifest", nargs="?", help="a .jsonl or .csv file, one sample per row")
+    s.add_argument("--out", help="output folder (train/ and, with --test-fraction, test/)")
+    s.add_argument("--verify", metavar="SHARDS", help="read every sample of SHARDS and report what is bad")
+    s.add_argument("--layout", default="mmssl", help="with --verify: mmssl, img2dataset, clap or explicit")
+    s.add_argument("--strict", action="store_true", help="with --verify: also fail on bad samples")
+    for column, default in (("image", "image"), ("audio", "audio"), ("text", "text"), ("label", "label")):
+        s.add_argument(f"--{column}-col", default=default, help=f"manifest column of the {column}")
+    s.add_argument("--key-col", help="manifest column of a unique sample key (default: the row number)")
+    s.add_argument("--group-col", help="rows sharing this column's value stay in one split")
+    s.add_argument("--max-count", type=int, default=1000, help="samples per shard at most")
+    s.add_argument("--max-bytes", type=int, default=2**30, help="bytes per shard at most")
+    s.add_argument("--test-fraction", type=float, default=0.0, help="share of rows (or groups) for test/")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_shards)
 
     d = sub.add_parser("demo-data", help="build the spoken-digits demo shards (images, captions, speech)")
     d.add_argument("--out", default="data/demo")
@@ -156,7 +372,9 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv)
+    args.argv = argv  # to start the same command on several ranks
     if getattr(args, "nproc", 1) < 1:
         print("mmssl: error: --nproc must be >= 1", file=sys.stderr)
         return 2

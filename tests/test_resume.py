@@ -103,3 +103,23 @@ def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers)
         ours, theirs = consumed(faulty, rank), consumed(reference, rank)
         assert ours == theirs, f"rank {rank}: resumed from step {resumed_from}"
         assert len(ours) == STEPS * 8 and all(k.startswith("train_") for k in ours)
+
+
+@pytest.mark.distributed
+def test_resume_on_fewer_ranks_through_a_universal_checkpoint(demo_shards, tmp_path):
+    """2 ranks -> 1 rank: the checkpoint is converted to DeepSpeed's universal format and training
+    continues from its step with the weights and optimizer state it had."""
+    run_dir = tmp_path / "shrink"
+    run(command(run_dir, demo_shards, 2, 0, "train.steps=4", "train.record_keys=false"))
+    proc = subprocess.run(
+        [*command(run_dir, demo_shards, 1, 0, "train.steps=6", "train.record_keys=false"), "--resume", "latest"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "written by 2 ranks and this run has 1: converting it to a universal checkpoint" in proc.stderr
+    assert (run_dir / "checkpoints" / "step_00000004_universal").is_dir()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert (
+        json.loads((run_dir / "checkpoints" / "step_00000006" / "mmssl.json").read_text())["world_size"] == 1
+    )
