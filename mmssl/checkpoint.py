@@ -1,12 +1,38 @@
-"""Finding a run's checkpoint and loading its model outside DeepSpeed (for eval and later export)."""
+"""Finding a trained model and loading it outside DeepSpeed (for eval, embed, export and the API).
+
+A model is found from any of: a run directory, its ``checkpoints/`` folder, one tagged checkpoint in
+it (DeepSpeed, any ZeRO stage: consolidated to fp32 in this process), or a folder written by
+``mmssl export`` (``model.safetensors`` + ``config.json``).
+"""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
-from mmssl import engine
+import torch
+from torch import Tensor
+
 from mmssl.config import RunConfig, load_json
 from mmssl.model import MultimodalModel
+
+EXPORT_WEIGHTS = "model.safetensors"  # the model's state dict plus "logit_scale.<pair>" (log scales)
+LOGIT_SCALE_PREFIX = "logit_scale."
+
+
+@dataclass
+class Checkpoint:
+    model: MultimodalModel
+    cfg: RunConfig
+    run_dir: Path  # where the run's files are (config.json, metrics.jsonl)
+    log_logit_scales: dict[str, float]  # pair ("image_text") -> log logit scale, clamped as in training
+    source: str  # what was loaded, for reports
+
+
+def is_export(path: str | Path) -> bool:
+    p = Path(path)
+    return (p / EXPORT_WEIGHTS).is_file() and (p / "config.json").is_file()
 
 
 def resolve(path: str | Path) -> tuple[Path, Path, str | None]:
@@ -18,18 +44,83 @@ def resolve(path: str | Path) -> tuple[Path, Path, str | None]:
         return p.parent, p, None
     if p.is_dir() and (p.parent / "latest").is_file():
         return p.parent.parent, p.parent, p.name
-    raise FileNotFoundError(f"{path} is not a run directory, a checkpoints folder or a checkpoint of one")
+    raise FileNotFoundError(
+        f"{path} is not a run directory, a checkpoints folder or a checkpoint of one, nor an `mmssl export` folder"
+    )
+
+
+def _config(folder: Path) -> RunConfig:
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json to rebuild the model from")
+    return load_json(config)
+
+
+def find_config(path: str | Path) -> tuple[RunConfig, Path]:
+    """The run config of a run, checkpoint or export folder, and the run's folder (no weights read)."""
+    p = Path(path)
+    folder = p if is_export(p) else resolve(p)[0]
+    return _config(folder), folder
+
+
+def task_state(path: str | Path) -> tuple[dict[str, Tensor], RunConfig, Path, str]:
+    """fp32 weights of the whole training task (``model.*``, ``contrastive.logit_scale.*``, objectives'
+    heads) of a DeepSpeed checkpoint of any ZeRO stage, with the run config saved beside it."""
+    from mmssl import engine  # imports DeepSpeed: only when a DeepSpeed checkpoint is read
+
+    run_dir, ckpt_dir, tag = resolve(path)
+    cfg = _config(run_dir)
+    tag = tag or engine.latest_tag(ckpt_dir)
+    return engine.consolidated_state_dict(ckpt_dir, tag), cfg, run_dir, f"{ckpt_dir / tag}"
+
+
+def split_task_state(state: dict[str, Tensor], cfg: RunConfig) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Task state -> (the model's state dict, pair -> log logit scale clamped at max_logit_scale)."""
+    model_state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    ceiling = math.log(cfg.objectives.contrastive.max_logit_scale)
+    prefix = "contrastive.logit_scale."
+    scales = {
+        k.removeprefix(prefix): min(float(v.detach()), ceiling)
+        for k, v in state.items()
+        if k.startswith(prefix)
+    }
+    return model_state, scales
+
+
+def load(path: str | Path) -> Checkpoint:
+    """The fp32 model of a run, checkpoint or export folder, in eval mode on the CPU."""
+    p = Path(path)
+    if is_export(p):
+        from safetensors.torch import load_file
+
+        cfg = _config(p)
+        tensors = load_file(str(p / EXPORT_WEIGHTS))
+        scales = {
+            k.removeprefix(LOGIT_SCALE_PREFIX): float(v)
+            for k, v in tensors.items()
+            if k.startswith(LOGIT_SCALE_PREFIX)
+        }
+        model_state = {k: v for k, v in tensors.items() if not k.startswith(LOGIT_SCALE_PREFIX)}
+        run_dir, source = p, f"{p} (exported)"
+    else:
+        state, cfg, run_dir, source = task_state(p)
+        model_state, scales = split_task_state(state, cfg)
+    model = MultimodalModel(cfg.model)
+    model.load_state_dict(model_state)
+    model.eval()
+    return Checkpoint(model=model, cfg=cfg, run_dir=run_dir, log_logit_scales=scales, source=source)
 
 
 def load_model(path: str | Path) -> tuple[MultimodalModel, RunConfig, Path]:
-    """fp32 model of any ZeRO stage's checkpoint, with the run config saved beside it."""
-    run_dir, ckpt_dir, tag = resolve(path)
-    config = run_dir / "config.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"{run_dir} has no config.json to rebuild the model from")
-    cfg = load_json(config)
-    # keys of the whole Task: "model.<tower>..." and "contrastive.logit_scale..."
-    state = engine.consolidated_state_dict(ckpt_dir, tag)
-    model = MultimodalModel(cfg.model)
-    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
-    return model, cfg, run_dir
+    """fp32 model of any ZeRO stage's checkpoint (or an export), with its run config and run dir."""
+    ckpt = load(path)
+    return ckpt.model, ckpt.cfg, ckpt.run_dir
+
+
+@torch.no_grad()
+def contiguous_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Tensors that own their memory (ZeRO consolidation returns views of flat buffers; safetensors
+    refuses tensors that share storage)."""
+    return {
+        k: (v.float() if v.is_floating_point() else v).detach().contiguous().clone() for k, v in state.items()
+    }

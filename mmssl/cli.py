@@ -77,15 +77,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "--master_addr", args.master_addr or "127.0.0.1", "--num_gpus", str(args.nproc)]  # fmt: skip
     else:
         where = ["--num_gpus", str(args.nproc)]
+    port = args.master_port or engine.free_port()
     command = [
         sys.executable, "-m", "deepspeed.launcher.runner", *where,
-        "--master_port", str(args.master_port or engine.free_port()),
+        "--master_port", str(port),
         "--no_local_rank", "--log_level", "warning",
         "--module", "mmssl.cli", "train", "--config", str(run_dir / "config.json"),
     ]  # fmt: skip
     if resume:
         command += ["--resume", resume]
-    return subprocess.run(command, env=env).returncode
+    try:
+        return subprocess.run(command, env=env).returncode
+    finally:
+        engine.remove_shm_buffers(port)
 
 
 def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -> str:

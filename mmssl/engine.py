@@ -307,6 +307,13 @@ def all_gather_object(obj: Any) -> list[Any]:
     return out
 
 
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MiB buffer per local rank in /dev/shm (named
+    after the rendezvous port) that 0.19.7 never removes; remove this job's once its ranks are gone."""
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        path.unlink(missing_ok=True)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

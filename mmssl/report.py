@@ -1,4 +1,5 @@
-"""What a person would rather look at: loss curves as PNG and retrieval results as HTML, next to the run."""
+"""What a person would rather look at: loss curves and a similarity matrix as PNG, the evaluation as
+HTML (retrieval, zero-shot and linear-probe tables, with the pictures), next to the run."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+from torch import Tensor
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,28 +42,95 @@ def loss_curves_png(metrics: list[dict], out: str | Path) -> Path | None:
     return Path(out)
 
 
-def retrieval_html(
-    results: dict, out: str | Path, *, title: str = "mmssl retrieval", loss_png: str | None = None
+def similarity_png(
+    query_emb: Tensor, target_emb: Tensor, names: list[str], out: str | Path, *, query: str, target: str
 ) -> Path:
-    ks = [k for k in next(iter(results["pairs"].values())) if k.startswith("R@")]
-    rows = "".join(
-        "<tr><td>"
-        + html.escape(name)
-        + "</td>"
-        + "".join(f"<td>{m[k]:.3f}</td>" for k in ks)
-        + f"<td>{m['median_rank']:.1f}</td></tr>"
-        for name, m in results["pairs"].items()
-    )
+    """Cosine similarities ``[n, n]`` of n samples' two modalities (row i and column i: one sample)."""
+    sims = (query_emb @ target_emb.T).numpy()  # [n, n]
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.42 * n, 1.2 + 0.42 * n))
+    im = ax.imshow(sims, cmap="viridis")
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel(target)
+    ax.set_ylabel(query)
+    ax.set_title(f"cosine similarity, {query} vs {target}", fontsize=10)
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", fontsize=5.5, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{th}</tr>{body}</table>"
+
+
+def _num(x: float | None, spec: str = ".3f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def eval_html(
+    results: dict,
+    out: str | Path,
+    *,
+    title: str = "mmssl evaluation",
+    loss_png: str | None = None,
+    similarity_png: str | None = None,
+) -> Path:
+    """One page: the retrieval table (and its rule), zero-shot and probe tables, the pictures."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
     rule = "same label" if results["rule"] == "label" else "own pair"
-    img = f'<h2>Training loss</h2><img src="{html.escape(loss_png)}" alt="loss curves">' if loss_png else ""
+    parts.append(
+        f"<h2>Retrieval</h2><p>{results['samples']} held-out samples ({html.escape(str(results.get('shards', '')))});"
+        f" a hit is a retrieved item under the <b>{rule}</b> rule; chance R@1 = {results['chance_R@1']:.3f}.</p>"
+    )
+    if results["pairs"]:
+        ks = [k for k in next(iter(results["pairs"].values())) if k.startswith("R@")]
+        rows = [
+            [name, *(_num(m[k]) for k in ks), _num(m["median_rank"], ".1f"), str(m.get("queries", ""))]
+            for name, m in results["pairs"].items()
+        ]
+        parts.append(_table(["query → target", *ks, "median rank", "queries"], rows))
+    zs = results.get("zeroshot")
+    if zs is not None:
+        parts.append("<h2>Zero-shot classification</h2>")
+        if "skipped" in zs:
+            parts.append(f"<p>skipped: {html.escape(zs['skipped'])}</p>")
+        else:
+            parts.append(
+                f"<p>{len(zs['classes'])} classes ({html.escape(', '.join(zs['classes']))}), "
+                f"{len(zs['templates'])} prompt templates.</p>"
+            )
+            rows = [
+                [m, _num(s["top1"]), _num(s["top5"]), _num(s["mean_per_class_recall"]), str(s["samples"])]
+                for m, s in zs["modalities"].items()
+            ]
+            parts.append(_table(["modality", "top-1", "top-5", "mean per-class recall", "samples"], rows))
+    if results.get("probe"):
+        parts.append(
+            "<h2>Linear probe</h2><p>Logistic regression on frozen embeddings of the train split.</p>"
+        )
+        rows = [
+            [m, _num(s["top1"]), _num(s["mean_per_class_recall"]), f"{s['C']:g}", str(s["train_samples"])]
+            for m, s in results["probe"].items()
+        ]
+        parts.append(_table(["modality", "top-1", "mean per-class recall", "C", "train samples"], rows))
+    if similarity_png:
+        parts.append(
+            f'<h2>Similarity of a sample</h2><img src="{html.escape(similarity_png)}" alt="similarity">'
+        )
+    if loss_png:
+        parts.append(f'<h2>Training loss</h2><img src="{html.escape(loss_png)}" alt="loss curves">')
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>
-<body><h1>{html.escape(title)}</h1>
-<p>{results["samples"]} held-out samples; a hit is a retrieved item with the <b>{rule}</b> rule;
-chance R@1 = {results["chance_R@1"]:.3f}.</p>
-<table><tr><th>query &rarr; target</th>{"".join(f"<th>{k}</th>" for k in ks)}<th>median rank</th></tr>{rows}</table>
-{img}</body></html>
+<body>{"".join(parts)}</body></html>
 """
     Path(out).write_text(page)
     return Path(out)

@@ -1,9 +1,18 @@
+"""Retrieval metrics: ranks against brute force, both matching rules, missing modalities, the table."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmssl.config import EvalConfig
-from mmssl.evaluate import Embeddings, choose_rule, evaluate_embeddings, format_table, ranks_of_first_hit
+from mmssl.evaluate import (
+    Embeddings,
+    choose_rule,
+    evaluate_embeddings,
+    format_table,
+    ranks_of_first_hit,
+    sample_for_matrix,
+)
 
 
 def brute_force_ranks(query, target, correct):
@@ -19,8 +28,9 @@ def test_ranks_match_brute_force(rule):
     g = torch.Generator().manual_seed(0)
     q, t = (F.normalize(torch.randn(40, 8, generator=g), dim=-1) for _ in range(2))
     labels = torch.randint(0, 5, (40,), generator=g)
-    correct = labels[:, None] == labels[None, :] if rule == "label" else torch.eye(40, dtype=torch.bool)
-    assert torch.equal(ranks_of_first_hit(q, t, correct, chunk=7), brute_force_ranks(q, t, correct))
+    ids = labels if rule == "label" else torch.arange(40)
+    correct = ids[:, None] == ids[None, :]
+    assert torch.equal(ranks_of_first_hit(q, t, ids, ids, chunk=7), brute_force_ranks(q, t, correct))
 
 
 def test_perfect_and_shuffled_retrieval():
@@ -51,3 +61,26 @@ def test_auto_rule_uses_labels_when_captions_repeat():
     res = evaluate_embeddings(Embeddings(emb=swapped, labels=labels, text=repeated), EvalConfig())
     assert res["rule"] == "label" and res["pairs"]["image->text"]["R@1"] == 1.0
     assert res["chance_R@1"] == 0.5
+
+
+def test_missing_modalities_only_rank_samples_that_carry_them():
+    # samples 0-3 carry image+text, 4-7 audio+text: image<->audio never meet in a sample
+    g = torch.Generator().manual_seed(2)
+    e = F.normalize(torch.randn(8, 6, generator=g), dim=-1)
+    present = {
+        "image": torch.tensor([1, 1, 1, 1, 0, 0, 0, 0], dtype=torch.bool),
+        "text": torch.ones(8, dtype=torch.bool),
+        "audio": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1], dtype=torch.bool),
+    }
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    same = e[[0, 1, 2, 3, 0, 1, 2, 3]]  # audio i+4 embeds like image i
+    emb = {"image": same * present["image"][:, None], "text": e, "audio": same * present["audio"][:, None]}
+    data = Embeddings(emb=emb, labels=labels, present=present)
+    by_pair = evaluate_embeddings(data, EvalConfig(match="pair"))["pairs"]
+    assert "image->audio" not in by_pair  # no sample has both: nothing to rank under the own-pair rule
+    assert by_pair["image->text"] == {**by_pair["image->text"], "R@1": 1.0, "queries": 4, "targets": 8}
+    by_label = evaluate_embeddings(data, EvalConfig(match="label"))["pairs"]
+    # the emergent pair under the label rule: image i and audio i+4 share a label and an embedding
+    assert by_label["image->audio"] == {**by_label["image->audio"], "R@1": 1.0, "queries": 4, "targets": 4}
+    assert sample_for_matrix(data, "image", "audio").numel() == 0
+    assert sample_for_matrix(data, "text", "image").tolist() == [0, 1, 2, 3]

@@ -30,7 +30,7 @@ def batch_for(cfg, b: int) -> dict:
         ("tiny", []),
         ("tiny_masked", []),
         ("tiny_masked", ["objectives.unmasked_contrastive_pass=true"]),
-        ("tiny_masked", ["objectives.masked_audio.mode=time", "objectives.contrastive.pairs=[\"image_text\"]"]),
+        ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
     ],
 )
 def test_count_matches_torch_flop_counter(preset, overrides):

@@ -1,0 +1,152 @@
+"""``mmssl export``: a trained model as consolidated fp32 safetensors with its config, and, when the
+image and text towers are open_clip-compatible, an open_clip checkpoint.
+
+Layout written under the output folder::
+
+    model.safetensors   the model's state dict (every tower) + "logit_scale.<pair>" (log scales)
+    config.json         the run config (enough to rebuild the model: ``mmssl.api.load(OUT)``)
+    export.json         what was exported, from where, and the open_clip verdict
+    open_clip/          open_clip_config.json + open_clip_model.safetensors, for
+                        ``open_clip.create_model("local-dir:OUT/open_clip")``
+
+The image and text towers are named like open_clip's VisionTransformer and TextTransformer (same
+blocks, GELU, LayerNorm, class-token pooling, projection matrices), so the open_clip state dict is a
+renaming: image tower -> ``visual.*``, text tower -> the CLIP model's top level, plus ``logit_scale``
+(the image-text pair's learned log scale). It is compatible only when both towers exist and the text
+tower is causal (CLIP's), since open_clip pools the end-of-text token of a causal transformer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import Tensor
+
+from mmssl.checkpoint import EXPORT_WEIGHTS, LOGIT_SCALE_PREFIX, contiguous_copy, load
+from mmssl.config import RunConfig, save_json
+
+OPEN_CLIP_DIR = "open_clip"
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"
+
+
+def open_clip_incompatibility(cfg: RunConfig) -> str | None:
+    """Why the towers cannot be an open_clip CLIP model, or None when they can."""
+    m = cfg.model
+    if m.image is None or m.text is None:
+        return "open_clip's CLIP needs both an image and a text tower"
+    if not m.text.causal:
+        return "the text tower is bidirectional (model.text.causal=false); open_clip's is causal"
+    return None
+
+
+def open_clip_config(cfg: RunConfig) -> dict[str, Any]:
+    """The model and preprocessing config open_clip reads from ``open_clip_config.json``."""
+    image, text = cfg.model.image, cfg.model.text
+    assert image is not None and text is not None
+    model_cfg = {
+        "embed_dim": cfg.model.embed_dim,
+        "quick_gelu": False,
+        "vision_cfg": {
+            "image_size": image.image_size,
+            "patch_size": image.patch_size,
+            "width": image.width,
+            "layers": image.depth,
+            "head_width": image.width // image.heads,
+            "mlp_ratio": image.mlp_ratio,
+        },
+        "text_cfg": {
+            "context_length": text.context_length,
+            "vocab_size": text.vocab_size,
+            "width": text.width,
+            "heads": text.heads,
+            "layers": text.depth,
+            "mlp_ratio": text.mlp_ratio,
+            # the end-of-text id is the highest id open_clip's tokenizer emits
+            "pool_type": "argmax",
+        },
+    }
+    # data_pipelines.decode_image: RGB, resized (squashed) to the square with bicubic, mean/std 0.5
+    preprocess_cfg = {
+        "size": image.image_size,
+        "mean": [0.5, 0.5, 0.5],
+        "std": [0.5, 0.5, 0.5],
+        "interpolation": "bicubic",
+        "resize_mode": "squash",
+    }
+    return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
+
+
+def open_clip_state(model_state: dict[str, Tensor], log_logit_scale: float | None) -> dict[str, Tensor]:
+    """Our model's state dict -> open_clip CLIP's (image tower under ``visual.``, text tower at the top)."""
+    out = {f"visual.{k.removeprefix('image.')}": v for k, v in model_state.items() if k.startswith("image.")}
+    out.update({k.removeprefix("text."): v for k, v in model_state.items() if k.startswith("text.")})
+    # open_clip starts logit_scale at log(1/0.07); an untrained image-text pair keeps that value
+    value = math.log(1 / 0.07) if log_logit_scale is None else log_logit_scale
+    out["logit_scale"] = torch.tensor(value, dtype=torch.float32)
+    return out
+
+
+def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the export folder for a run / checkpoint (any ZeRO stage) / export; returns a summary."""
+    ckpt = load(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = contiguous_copy(ckpt.model.state_dict())
+    scales = {f"{LOGIT_SCALE_PREFIX}{k}": torch.tensor(v) for k, v in ckpt.log_logit_scales.items()}
+    save_file(
+        {**state, **scales}, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": ckpt.source}
+    )
+    save_json(ckpt.cfg, out / "config.json")
+
+    summary: dict[str, Any] = {
+        "source": ckpt.source,
+        "out_dir": str(out),
+        "towers": list(ckpt.cfg.model.modalities),
+        "embed_dim": ckpt.cfg.model.embed_dim,
+        "parameters": sum(v.numel() for v in state.values()),
+        "logit_scales": {k: math.exp(v) for k, v in ckpt.log_logit_scales.items()},
+    }
+    reason = open_clip_incompatibility(ckpt.cfg)
+    if reason is None:
+        oc_dir = out / OPEN_CLIP_DIR
+        oc_dir.mkdir(exist_ok=True)
+        (oc_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(ckpt.cfg), indent=2) + "\n")
+        log_scale = ckpt.log_logit_scales.get("image_text")
+        save_file(
+            open_clip_state(state, log_scale), str(oc_dir / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"}
+        )
+        summary["open_clip"] = {"dir": str(oc_dir), "model_name": f"local-dir:{oc_dir}"}
+        if log_scale is None:
+            summary["open_clip"]["note"] = (
+                "no image-text pair was trained: logit_scale is open_clip's initial value"
+            )
+    else:
+        summary["open_clip"] = {"skipped": reason}
+    (out / "export.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    out = summary["out_dir"]
+    lines = [
+        f"exported {summary['source']} -> {out}",
+        f"  {EXPORT_WEIGHTS}: {summary['parameters'] / 1e6:.2f}M fp32 parameters, towers "
+        f"{', '.join(summary['towers'])}, embedding dim {summary['embed_dim']}; config.json; export.json",
+    ]
+    oc = summary["open_clip"]
+    if "skipped" in oc:
+        lines.append(f"  open_clip: not written ({oc['skipped']})")
+    else:
+        lines.append(
+            f"  {OPEN_CLIP_DIR}/: open_clip.create_model({oc['model_name']!r}) loads the image and text towers"
+        )
+        if "note" in oc:
+            lines.append(f"  note: {oc['note']}")
+    lines.append(f"  load it back: mmssl.api.load({out!r})")
+    return "\n".join(lines)
