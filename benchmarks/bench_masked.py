@@ -42,7 +42,9 @@ def config(preset: str, overrides: list[str], shards: Path, batch: int) -> RunCo
     return cfg.validate()
 
 
-def step_times(cfgs: dict[str, RunConfig], batches: list[dict], rounds: int, steps: int) -> dict[str, list[float]]:
+def step_times(
+    cfgs: dict[str, RunConfig], batches: list[dict], rounds: int, steps: int
+) -> dict[str, list[float]]:
     torch.manual_seed(0)
     setups = {}
     for name, cfg in cfgs.items():
@@ -79,7 +81,9 @@ def train_and_probe(cfg: RunConfig, steps: int, desc: str) -> dict:
         loss.backward()
         optimizer.step()
     device = torch.device("cpu")
-    train = evaluate.embed_all(task.model, data.loader(cfg, train=False, shards=cfg.data.train_shards), device=device)
+    train = evaluate.embed_all(
+        task.model, data.loader(cfg, train=False, shards=cfg.data.train_shards), device=device
+    )
     test = evaluate.embed_all(task.model, data.loader(cfg, train=False), device=device)
     return probe.evaluate(train, test, progress=False)
 
@@ -87,7 +91,9 @@ def train_and_probe(cfg: RunConfig, steps: int, desc: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small", help="tiny or small (its *_masked twin is used for b and c)")
-    p.add_argument("--shards", type=Path, default=Path("data/demo"), help="spoken-digits build (made if missing)")
+    p.add_argument(
+        "--shards", type=Path, default=Path("data/demo"), help="spoken-digits build (made if missing)"
+    )
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
@@ -95,7 +101,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=Path("runs/bench_masked.json"))
     args = p.parse_args()
     build_spoken_digits(args.shards, progress=True)
-    cfgs = {name: config(preset.format(preset=args.preset), o, args.shards, args.batch) for name, (preset, o) in VARIANTS.items()}
+    cfgs = {
+        name: config(preset.format(preset=args.preset), o, args.shards, args.batch)
+        for name, (preset, o) in VARIANTS.items()
+    }
 
     first = next(iter(cfgs.values()))
     loader = iter(data.loader(cfgs["b: + masked, one pass"], train=True))
@@ -123,7 +132,10 @@ def main() -> None:
         print(f"{name:<36}" + "".join(f"{result[m]['top1']:>10.3f}" for m in modalities))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
-        json.dumps({"preset": first.preset, "step_seconds": medians, "b/a": b_a, "c/a": c_a, "probe": probes}, indent=2)
+        json.dumps(
+            {"preset": first.preset, "step_seconds": medians, "b/a": b_a, "c/a": c_a, "probe": probes},
+            indent=2,
+        )
     )
     print(f"\nwritten: {args.out}")
 
