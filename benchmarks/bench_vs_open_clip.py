@@ -1,0 +1,728 @@
+"""mmssl's trainer against open_clip's own (``python -m open_clip_train.main``), side by side.
+
+One run, one machine, the same WebDataset shards (the spoken-digits demo, images and captions), the
+same image-text CLIP (ViT and text transformer of the same widths, depths, heads, patch size, context
+length, vocabulary and embedding size: the parameter counts are checked equal), the same batch size,
+fp32, thread count, world size 1, AdamW settings and gradient clipping. Each trainer runs in a process
+of its own for warm-up + measured steps; the two alternate (open_clip, mmssl, open_clip, mmssl, ...)
+for several repeats. Printed: steady-state samples/s of each over the measured steps only (from each
+trainer's own log; start-up and warm-up excluded), the ratio mmssl/open_clip per repeat and its median
+(target >= 1.3), and the same ratio of samples per CPU second, which a busy machine disturbs less.
+
+The baseline runs in a virtualenv of its own, created here on first use and reused after: the torch,
+torchvision and open_clip_torch pins of pyproject.toml plus webdataset 0.2.86 (open_clip_train breaks
+on webdataset 1.x's end-of-shard marker) and pandas (open_clip_train imports it). It gets its fastest
+settings on this machine: one process (its multi-process CPU path hands a CPU device to
+DistributedDataParallel and fails), ``--precision fp32`` (its default ``amp`` autocasts to bf16, ~100x
+slower on a CPU without bf16 hardware), and the loader workers (0, 1 or 2) and ``--torchcompile`` (on
+or off) that were fastest in short tries at the start of the run (``--baseline-workers`` and
+``--baseline-compile`` fix them instead).
+
+    .venv/bin/python benchmarks/bench_vs_open_clip.py                  # both models, 3 repeats (~30 min)
+    .venv/bin/python benchmarks/bench_vs_open_clip.py --models reference --repeats 1 --warmup 10 \
+        --steps 20 --baseline-workers 1 --baseline-compile off          # a quick check
+
+Writes ``results.json``, ``throughput.png`` and every run's log and metrics under ``--out``/<time>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 1.3
+# what open_clip_train needs besides the project's own pins (see ../shared/STACK.md)
+BASELINE_EXTRAS = ("webdataset==0.2.86", "pandas")
+BASELINE_PINNED = ("torch", "torchvision", "open_clip_torch")
+VOCAB_SIZE = 49409  # mmssl's text vocabulary: open_clip's 49408 BPE ids + one [MASK] id (unused here)
+
+
+@dataclass(frozen=True)
+class Arch:
+    """An image-text CLIP, described once and written out for both trainers."""
+
+    embed_dim: int
+    image_size: int
+    patch_size: int
+    image_width: int
+    image_depth: int
+    image_heads: int
+    text_width: int
+    text_depth: int
+    text_heads: int
+    context_length: int
+
+    def open_clip_config(self) -> dict[str, Any]:
+        """An open_clip model config (``local-dir:`` layout): same towers, random init."""
+        return {
+            "model_cfg": {
+                "embed_dim": self.embed_dim,
+                "vision_cfg": {
+                    "image_size": self.image_size,
+                    "patch_size": self.patch_size,
+                    "width": self.image_width,
+                    "layers": self.image_depth,
+                    "head_width": self.image_width // self.image_heads,
+                    "mlp_ratio": 4.0,
+                },
+                "text_cfg": {
+                    "context_length": self.context_length,
+                    "vocab_size": VOCAB_SIZE,
+                    "width": self.text_width,
+                    "heads": self.text_heads,
+                    "layers": self.text_depth,
+                    "mlp_ratio": 4.0,
+                },
+            },
+            "preprocess_cfg": {},
+        }
+
+    def mmssl_overrides(self) -> list[str]:
+        return [
+            "model.audio=null",
+            f"model.embed_dim={self.embed_dim}",
+            f"model.image.image_size={self.image_size}",
+            f"model.image.patch_size={self.patch_size}",
+            f"model.image.width={self.image_width}",
+            f"model.image.depth={self.image_depth}",
+            f"model.image.heads={self.image_heads}",
+            "model.image.mlp_ratio=4.0",
+            f"model.text.context_length={self.context_length}",
+            f"model.text.vocab_size={VOCAB_SIZE}",
+            f"model.text.width={self.text_width}",
+            f"model.text.depth={self.text_depth}",
+            f"model.text.heads={self.text_heads}",
+            "model.text.mlp_ratio=4.0",
+            "model.text.causal=true",
+        ]
+
+
+def arch(width: int, depth: int, heads: int, patch: int, embed: int, context: int) -> Arch:
+    return Arch(
+        embed_dim=embed, image_size=32, patch_size=patch, image_width=width, image_depth=depth,
+        image_heads=heads, text_width=width, text_depth=depth, text_heads=heads, context_length=context,
+    )  # fmt: skip
+
+
+# reference: the 3.4M-parameter model of ../shared/STACK.md (overhead-bound on this CPU);
+# small: the towers of mmssl's `small` preset, where compute dominates
+ARCHS = {
+    "reference": lambda context: arch(64, 2, 2, 8, 64, context),
+    "small": lambda context: arch(192, 4, 3, 4, 128, context),
+}
+
+
+@dataclass
+class Window:
+    """Steps ``first..last`` (1-based, inclusive) between two log lines of a trainer."""
+
+    first: int
+    last: int
+    seconds: float
+    data_seconds: float
+
+    @property
+    def steps(self) -> int:
+        return self.last - self.first + 1
+
+
+@dataclass
+class Run:
+    trainer: str
+    model: str
+    setting: str  # the baseline's loader workers and compile flag, or mmssl's workers
+    repeat: int | str
+    samples_per_s: float  # from the trainer's own log, measured steps only
+    measured_steps: int
+    data_wait: float  # share of the measured wall time spent waiting for the loader
+    samples_per_cpu_s: float | None  # the same steps per CPU second of the whole process group
+    watched_samples_per_s: float | None  # the same steps timed from outside (a check)
+    wall_seconds: float  # the whole process, start-up included
+    load_avg: tuple[float, float]  # 1-minute load average before and after
+    log: str
+    windows: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A configuration of the baseline's speed knobs."""
+
+    workers: int
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"w{self.workers}" + ("-compile" if self.compile else "")
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def project_pins() -> list[str]:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[=<>!~ \[]", d, maxsplit=1)[0].lower().replace("-", "_"): d for d in deps}
+    return [names[n] for n in BASELINE_PINNED]
+
+
+def baseline_python(venv: Path) -> Path:
+    """The baseline's interpreter; the venv is created (about 2 minutes) when missing or when its pins
+    no longer match pyproject.toml."""
+    wanted = project_pins() + list(BASELINE_EXTRAS)
+    stamp = venv / "mmssl-bench.json"
+    python = venv / "bin" / "python"
+    if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("requirements") == wanted:
+        return python
+    print(
+        f"creating open_clip_train's environment in {venv}: {' '.join(wanted)} (once; a few minutes)",
+        flush=True,
+    )
+    log = venv.parent / f"{venv.name}-install.log"
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out:
+        for command in (
+            [sys.executable, "-m", "venv", "--clear", str(venv)],
+            [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"],
+            [str(python), "-m", "pip", "install", "--quiet", *wanted],
+        ):
+            out.write("$ " + " ".join(command) + "\n")
+            out.flush()
+            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                raise SystemExit(f"bench: installing the baseline failed; see {log}")
+    versions = subprocess.run(
+        [str(python), "-c", "import importlib.metadata as m; import json; print(json.dumps("
+         "{p: m.version(p) for p in ('torch', 'torchvision', 'open_clip_torch', 'webdataset', 'pandas')}))"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    stamp.write_text(json.dumps({"requirements": wanted, "versions": json.loads(versions)}, indent=2) + "\n")
+    return python
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    flags = Path("/proc/cpuinfo").read_text()
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "avx512": " avx512f" in flags,
+        "amx": " amx_tile" in flags,
+        "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg(),
+    }
+
+
+# ------------------------------------------------------------------------------------------ parameter counts
+
+
+def parameter_counts(a: Arch, config_dir: Path) -> dict[str, int]:
+    """Both models built in this process (open_clip 3.3.0 is the same in both environments)."""
+    import open_clip
+    import torch
+
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+    from mmssl.task import Task
+
+    torch.set_num_threads(1)
+    cfg = apply_overrides(get_preset("tiny"), a.mmssl_overrides()).validate()
+    ours = sum(p.numel() for p in Task(cfg).parameters())
+    theirs = sum(p.numel() for p in open_clip.create_model(f"local-dir:{config_dir}").parameters())
+    return {"mmssl": ours, "open_clip": theirs}
+
+
+# ------------------------------------------------------------------------------------------ the two trainers
+
+
+def threads_env(threads: int) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in a process group (a trainer, its loader
+    workers and any compile workers)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # pgrp; utime and stime follow at 11 and 12
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+@dataclass
+class Region:
+    """Wall and CPU seconds of the whole process group between two logged steps, as seen from here
+    (the logs are polled every 20 ms): a check of the trainers' own timing, and CPU use per sample,
+    which a busy machine disturbs much less than wall time."""
+
+    wall: float
+    cpu: float
+
+
+def run_watched(
+    command: list[str], env: dict[str, str], log: Path, progress: Path, logged_steps, first: int, last: int
+) -> tuple[float, Region | None]:
+    """Run a trainer to the end; snapshot wall and CPU time when ``logged_steps(progress text)`` first
+    holds ``first`` and then ``last``. Returns the process's wall seconds and that region."""
+    start = time.perf_counter()
+    marks: dict[int, tuple[float, float]] = {}
+    size = -1
+    with open(log, "w") as out:
+        out.write("$ " + " ".join(command) + "\n")
+        out.flush()
+        proc = subprocess.Popen(
+            command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            while proc.poll() is None:
+                time.sleep(0.02)
+                if len(marks) == 2 or not progress.is_file() or progress.stat().st_size == size:
+                    continue
+                size = progress.stat().st_size
+                steps = logged_steps(progress.read_text())
+                if not marks and first in steps and last not in steps:  # (both seen at once: no region)
+                    marks[first] = (time.perf_counter(), group_cpu_seconds(proc.pid))
+                elif marks and last in steps:
+                    marks[last] = (time.perf_counter(), group_cpu_seconds(proc.pid))
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGTERM)
+            raise
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"bench: {command[0]} ... exited with {proc.returncode}; the end of {log}:\n{tail}")
+    region = None
+    if len(marks) == 2:
+        (w0, c0), (w1, c1) = marks[first], marks[last]
+        region = Region(w1 - w0, c1 - c0)
+    return time.perf_counter() - start, region
+
+
+def open_clip_command(
+    python: Path, a_dir: Path, args: argparse.Namespace, setting: Setting, steps: int, name: str, logs: Path
+) -> list[str]:
+    from mmssl.presets import get_preset
+
+    o = get_preset("tiny").optim  # the same optimiser settings as the mmssl side
+    return [
+        str(python), "-m", "open_clip_train.main",
+        "--model", f"local-dir:{a_dir}",
+        "--train-data", args.train_data, "--dataset-type", "webdataset",
+        "--train-num-samples", str(steps * args.batch), "--epochs", "1",
+        "--batch-size", str(args.batch), "--workers", str(setting.workers),
+        "--device", "cpu", "--precision", "fp32",
+        "--lr", str(o.lr), "--warmup", str(o.warmup_steps), "--wd", str(o.weight_decay),
+        "--beta1", str(o.beta1), "--beta2", str(o.beta2), "--eps", str(o.eps),
+        "--grad-clip-norm", str(args.grad_clip), "--seed", "0",
+        "--log-every-n-steps", str(args.log_every), "--report-to", "",
+        "--save-frequency", "0", "--logs", str(logs), "--name", name,
+        *(["--torchcompile"] if setting.compile else []),
+        *shlex.split(args.baseline_args),
+    ]  # fmt: skip
+
+
+def mmssl_command(a: Arch, args: argparse.Namespace, steps: int, run_dir: Path) -> list[str]:
+    return [
+        str(Path(sys.executable).parent / "mmssl"), "train", "--preset", "tiny", "--nproc", "1",
+        "--run-dir", str(run_dir), *a.mmssl_overrides(),
+        f"data.train_shards={args.shards / 'train'}", f"data.num_workers={args.mmssl_workers}",
+        f"optim.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.log_every={args.log_every}",
+        f"train.ckpt_every={steps}", "train.eval_at_end=false",
+    ]  # fmt: skip
+
+
+_OPEN_CLIP_LINE = re.compile(
+    r"Train Epoch: \d+ \[\s*(\d+)/\d+ .*?\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),"
+)
+
+
+def open_clip_windows(log_text: str, batch: int) -> list[Window]:
+    """open_clip_train logs after step 1 and then every n-th step; each line carries the mean data and
+    batch (whole step, data included) seconds over the steps since the previous line."""
+    windows, prev = [], 0
+    for m in _OPEN_CLIP_LINE.finditer(log_text):
+        count = int(m.group(1)) // batch
+        n = count - prev
+        windows.append(Window(prev + 1, count, n * float(m.group(3)), n * float(m.group(2))))
+        prev = count
+    return windows
+
+
+def mmssl_windows(metrics_text: str, batch: int) -> list[Window]:
+    """metrics.jsonl rows: samples_per_s and data_wait over the steps since the previous row."""
+    windows, prev = [], 0
+    for line in metrics_text.splitlines():
+        row = json.loads(line)
+        if "samples_per_s" not in row:
+            continue
+        n = row["step"] - prev
+        seconds = n * batch / row["samples_per_s"]
+        windows.append(Window(prev + 1, row["step"], seconds, seconds * row.get("data_wait", 0.0)))
+        prev = row["step"]
+    return windows
+
+
+def measure(
+    trainer: str, model: str, setting: str, repeat: int | str, command: list[str], args: argparse.Namespace,
+    log: Path, progress: Path, parse, first: int, last: int,
+) -> Run:  # fmt: skip
+    """Run one trainer; keep the log windows that start after the warm-up (``first`` is the last step
+    logged before them, ``last`` the last measured one)."""
+    load0 = os.getloadavg()[0]
+    wall, region = run_watched(
+        command, threads_env(args.threads), log, progress, lambda text: {w.last for w in parse(text, args.batch)},
+        first, last,
+    )  # fmt: skip
+    windows = parse(progress.read_text(), args.batch)
+    kept = [w for w in windows if first < w.first and w.last <= last]
+    steps, seconds = sum(w.steps for w in kept), sum(w.seconds for w in kept)
+    if not kept or kept[-1].last != last:
+        raise SystemExit(f"bench: {log}: no complete log windows after step {first} ({windows})")
+    samples = args.batch * steps
+    return Run(
+        trainer=trainer, model=model, setting=setting, repeat=repeat,
+        samples_per_s=samples / seconds, measured_steps=steps,
+        data_wait=sum(w.data_seconds for w in kept) / seconds,
+        samples_per_cpu_s=samples / region.cpu if region and region.cpu > 0 else None,
+        watched_samples_per_s=samples / region.wall if region else None,
+        wall_seconds=wall, load_avg=(load0, os.getloadavg()[0]), log=str(progress),
+        windows=[asdict(w) for w in windows],
+    )  # fmt: skip
+
+
+def run_open_clip(
+    python: Path, model: str, a_dir: Path, args: argparse.Namespace, setting: Setting, repeat: int | str,
+    out: Path, measured: int,
+) -> Run:  # fmt: skip
+    # open_clip_train logs after step 1, then after steps 11, 21, ...: one extra step makes its last
+    # `measured` steps fall into whole windows, after a warm-up of args.warmup + 1 steps. (With several
+    # loader workers it rounds the step count up to a multiple of them; steps past `steps` are ignored.)
+    steps = args.warmup + 1 + measured
+    name = f"{model}-open_clip-{repeat}-{setting.label}"
+    command = open_clip_command(python, a_dir, args, setting, steps, name, out / "open_clip")
+    progress = out / "open_clip" / name / "out.log"
+    return measure("open_clip", model, setting.label, repeat, command, args, out / f"{name}.log", progress,
+                   open_clip_windows, args.warmup + 1, steps)  # fmt: skip
+
+
+def run_mmssl(
+    model: str, a: Arch, args: argparse.Namespace, repeat: int | str, out: Path, measured: int
+) -> Run:
+    steps = args.warmup + measured
+    name = f"{model}-mmssl-{repeat}-w{args.mmssl_workers}"
+    run_dir = out / "mmssl" / name
+    command = mmssl_command(a, args, steps, run_dir)
+    return measure("mmssl", model, f"w{args.mmssl_workers}", repeat, command, args, out / f"{name}.log",
+                   run_dir / "metrics.jsonl", mmssl_windows, args.warmup, steps)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def summarise(runs: list[Run]) -> dict[str, Any]:
+    """Per repeat and median: samples/s of each, the ratio mmssl/open_clip, and the same ratio of
+    samples per CPU second."""
+    by = {(r.trainer, r.repeat): r for r in runs if isinstance(r.repeat, int)}
+    repeats = sorted({k for _, k in by})
+    out: dict[str, Any] = {}
+    for trainer in ("open_clip", "mmssl"):
+        out[f"{trainer}_samples_per_s"] = [by[trainer, k].samples_per_s for k in repeats]
+        out[f"{trainer}_samples_per_cpu_s"] = [by[trainer, k].samples_per_cpu_s for k in repeats]
+        out[f"median_{trainer}"] = statistics.median(out[f"{trainer}_samples_per_s"])
+    out["ratios"] = [by["mmssl", k].samples_per_s / by["open_clip", k].samples_per_s for k in repeats]
+    out["median_ratio"] = statistics.median(out["ratios"])
+    cpu = [(by["mmssl", k].samples_per_cpu_s, by["open_clip", k].samples_per_cpu_s) for k in repeats]
+    cpu_ratios = [m / o for m, o in cpu if m and o]
+    out["cpu_ratios"] = cpu_ratios
+    out["median_cpu_ratio"] = statistics.median(cpu_ratios) if cpu_ratios else None
+    return out
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(results["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(4.8 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        s = results["models"][model]["summary"]
+        xs = list(range(len(s["ratios"])))
+        ax.bar([x - 0.2 for x in xs], s["open_clip_samples_per_s"], 0.4, label="open_clip_train")
+        ax.bar([x + 0.2 for x in xs], s["mmssl_samples_per_s"], 0.4, label="mmssl")
+        for x, ratio in zip(xs, s["ratios"], strict=True):
+            ax.annotate(f"{ratio:.2f}x", (x, max(s["open_clip_samples_per_s"][x], s["mmssl_samples_per_s"][x])),
+                        ha="center", va="bottom", fontsize=8)  # fmt: skip
+        ax.set_xticks(xs, [f"repeat {x + 1}" for x in xs])
+        ax.set_ylabel("samples/s, steady state")
+        ax.set_title(f"{model}: median mmssl/open_clip {s['median_ratio']:.2f}", fontsize=10)
+        ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _num(x: float | None, spec: str) -> str:
+    return format(x, spec) if x is not None else "-"
+
+
+def print_report(results: dict[str, Any]) -> None:
+    m, s = results["machine"], results["settings"]
+    print(
+        f"\nmachine: {m['cpu']}, {m['cores']} cores, AVX-512 {'yes' if m['avx512'] else 'no'}; 1-minute load "
+        f"average {m['load_avg_at_start'][0]:.1f} at the start, {m['load_avg_at_end'][0]:.1f} at the end"
+        + ("  << busy: wall-clock figures are unreliable" if max(m["load_avg_at_start"][0], m["load_avg_at_end"][0])
+           > m["cores"] + 1 else "")
+    )  # fmt: skip
+    print(
+        f"both: fp32 on CPU, world size 1, {s['threads']} threads, batch {s['batch']}, {s['warmup']} warm-up + "
+        f"{s['steps']} measured steps, AdamW with the tiny preset's settings, gradient clipping at "
+        f"{s['grad_clip']}, log every {s['log_every']} steps, shards {s['train_data']}"
+    )
+    print(f"open_clip_train: {s['open_clip']}")
+    print(f"mmssl:           {s['mmssl']}")
+    for model, r in results["models"].items():
+        a, p, summary = r["arch"], r["parameters"], r["summary"]
+        print(
+            f"\n{model}: ViT {a['image_width']} wide x {a['image_depth']} layers, {a['image_heads']} heads, patch "
+            f"{a['patch_size']} on {a['image_size']}x{a['image_size']}; text {a['text_width']} x "
+            f"{a['text_depth']}, {a['text_heads']} heads, context {a['context_length']}; embedding "
+            f"{a['embed_dim']}. Parameters: mmssl {p['mmssl']:,}, open_clip {p['open_clip']:,}"
+        )
+        if r.get("sweep"):
+            sweep = ", ".join(f"{label} {rate:.0f}" for label, rate in r["sweep"].items())
+            print(f"  open_clip_train settings tried (samples/s): {sweep} -> {r['open_clip_setting']}")
+        print(
+            f"  {'repeat':<7}{'open_clip/s':>12}{'data':>6}{'/CPU-s':>8}{'mmssl/s':>10}{'data':>6}{'/CPU-s':>8}"
+            f"{'ratio':>8}{'CPU ratio':>11}{'load':>6}"
+        )
+        runs = {(x["trainer"], x["repeat"]): x for x in r["runs"] if isinstance(x["repeat"], int)}
+        for k, ratio in enumerate(summary["ratios"]):
+            oc, mm = runs["open_clip", k], runs["mmssl", k]
+            cpu = (mm["samples_per_cpu_s"] / oc["samples_per_cpu_s"]
+                   if mm["samples_per_cpu_s"] and oc["samples_per_cpu_s"] else None)  # fmt: skip
+            print(
+                f"  {k + 1:<7}{oc['samples_per_s']:>12.1f}{oc['data_wait']:>6.0%}{_num(oc['samples_per_cpu_s'], '8.1f')}"
+                f"{mm['samples_per_s']:>10.1f}{mm['data_wait']:>6.0%}{_num(mm['samples_per_cpu_s'], '8.1f')}"
+                f"{ratio:>8.2f}{_num(cpu, '11.2f')}{max(oc['load_avg'] + mm['load_avg']):>6.1f}"
+            )
+        verdict = "met" if summary["median_ratio"] >= TARGET else "missed"
+        print(
+            f"  {'median':<7}{summary['median_open_clip']:>12.1f}{'':>14}{summary['median_mmssl']:>10.1f}{'':>14}"
+            f"{summary['median_ratio']:>8.2f}{_num(summary['median_cpu_ratio'], '11.2f')}"
+            f"   mmssl/open_clip, target >= {TARGET}: {verdict}"
+        )
+    print(
+        "\nratio: steady-state samples/s of mmssl over open_clip_train's, same repeat. CPU ratio: the same for "
+        "samples per CPU second of each trainer's whole process group (loader workers included), which a busy "
+        "machine disturbs much less than wall time (with >1 thread, OpenMP's spinning still counts)."
+    )
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=sorted(ARCHS), default=["reference", "small"])
+    p.add_argument("--repeats", type=int, default=3, help="open_clip, mmssl pairs per model")
+    p.add_argument(
+        "--warmup", type=int, default=20, help="steps run but not measured (a multiple of --log-every)"
+    )
+    p.add_argument(
+        "--steps", type=int, default=100, help="measured steps per run (a multiple of --log-every)"
+    )
+    p.add_argument("--log-every", type=int, default=10, help="both trainers' logging interval, in steps")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of both trainers")
+    p.add_argument(
+        "--context-length", type=int, default=16, help="text context of both (mmssl's presets: 16)"
+    )
+    p.add_argument(
+        "--baseline-workers", default="auto",
+        help="open_clip_train --workers; 'auto': try 0, 1 and 2 and keep the fastest",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline-compile", choices=("auto", "on", "off"), default="auto",
+        help="open_clip_train --torchcompile; 'auto': try it with the best worker count, keep it if faster",
+    )  # fmt: skip
+    p.add_argument(
+        "--baseline-args", default="", help="more open_clip_train flags, e.g. '--dataset-resampled'"
+    )
+    p.add_argument(
+        "--sweep-steps", type=int, default=50, help="measured steps of each try of a baseline setting"
+    )
+    p.add_argument("--mmssl-workers", type=int, default=1, help="data.num_workers (the presets' default: 1)")
+    p.add_argument(
+        "--shards", type=Path, default=Path("data/demo"), help="spoken-digits build (made if missing)"
+    )
+    p.add_argument(
+        "--venv", type=Path, default=Path("runs/open_clip_venv"), help="the baseline's environment"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/bench_vs_open_clip"))
+    args = p.parse_args()
+    for name in ("warmup", "steps", "sweep_steps"):
+        value = getattr(args, name)
+        if value < args.log_every or value % args.log_every:
+            p.error(
+                f"--{name.replace('_', '-')} must be a positive multiple of --log-every ({args.log_every})"
+            )
+    if args.baseline_workers != "auto" and not args.baseline_workers.isdigit():
+        p.error("--baseline-workers must be 'auto' or a number")
+    return args
+
+
+def best_setting(
+    python: Path, model: str, a_dir: Path, args: argparse.Namespace, out: Path, record
+) -> tuple[Setting, dict[str, float]]:
+    """The baseline's fastest setting: loader workers first, then torch.compile on top of the best."""
+    compile_first = args.baseline_compile == "on"
+    workers = [0, 1, 2] if args.baseline_workers == "auto" else [int(args.baseline_workers)]
+    tried: dict[Setting, float] = {}
+    if len(workers) > 1:
+        for w in workers:
+            s = Setting(w, compile_first)
+            tried[s] = record(
+                run_open_clip(python, model, a_dir, args, s, "sweep", out, args.sweep_steps)
+            ).samples_per_s
+    best = max(tried, key=tried.get) if tried else Setting(workers[0], compile_first)
+    if args.baseline_compile == "auto":
+        if best not in tried:
+            tried[best] = record(
+                run_open_clip(python, model, a_dir, args, best, "sweep", out, args.sweep_steps)
+            ).samples_per_s
+        compiled = Setting(best.workers, True)
+        tried[compiled] = record(
+            run_open_clip(python, model, a_dir, args, compiled, "sweep", out, args.sweep_steps)
+        ).samples_per_s
+        best = max(tried, key=tried.get)
+    return best, {s.label: rate for s, rate in tried.items()}
+
+
+def sweep_runs(args: argparse.Namespace) -> int:
+    """How many runs best_setting makes per model."""
+    if args.baseline_workers == "auto":
+        return 3 + (args.baseline_compile == "auto")
+    return 2 if args.baseline_compile == "auto" else 0
+
+
+def main() -> None:
+    args = parse_args()
+    os.chdir(REPO)
+    args.shards = args.shards if args.shards.is_absolute() else REPO / args.shards
+    if not (args.shards / "DONE.json").is_file():
+        from data_pipelines.demo import build_spoken_digits
+
+        print(f"building the demo shards in {args.shards}", flush=True)
+        build_spoken_digits(args.shards)
+    n_shards = len(list((args.shards / "train").glob("shard-*.tar")))
+    # open_clip_train takes a brace pattern; the demo's shards are numbered from 0
+    args.train_data = str(args.shards / "train" / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+    ds_config = json.loads((REPO / "ds_config.json").read_text())
+    args.grad_clip = ds_config.get("gradient_clipping") or 0.0  # both clip where mmssl's engine does
+    out = (args.out if args.out.is_absolute() else REPO / args.out) / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    python = baseline_python(args.venv if args.venv.is_absolute() else REPO / args.venv)
+    info = machine()
+
+    archs = {name: ARCHS[name](args.context_length) for name in args.models}
+    per_model: dict[str, dict[str, Any]] = {}
+    for name, a in archs.items():
+        a_dir = out / "open_clip_models" / name
+        a_dir.mkdir(parents=True, exist_ok=True)
+        (a_dir / "open_clip_config.json").write_text(json.dumps(a.open_clip_config(), indent=2) + "\n")
+        counts = parameter_counts(a, a_dir)
+        print(f"{name}: parameters mmssl {counts['mmssl']:,}, open_clip {counts['open_clip']:,}", flush=True)
+        if counts["mmssl"] != counts["open_clip"]:
+            raise SystemExit(f"bench: the two {name} models differ in size: {counts}")
+        per_model[name] = {
+            "arch": asdict(a),
+            "parameters": counts,
+            "open_clip_config": str(a_dir),
+            "runs": [],
+        }
+
+    bar = tqdm(
+        total=len(archs) * (2 * args.repeats + sweep_runs(args)), desc="runs", unit="run", dynamic_ncols=True
+    )
+    runs: list[Run] = []
+
+    def record(run: Run) -> Run:
+        runs.append(run)
+        per_model[run.model]["runs"].append(asdict(run))
+        bar.set_postfix_str(f"last: {run.trainer} {run.setting} {run.samples_per_s:.0f}/s")
+        bar.update(1)
+        return run
+
+    for name, a in archs.items():
+        r, a_dir = per_model[name], out / "open_clip_models" / name
+        bar.set_description(f"{name}: baseline settings")
+        setting, r["sweep"] = best_setting(python, name, a_dir, args, out, record)
+        r["open_clip_setting"] = setting.label
+        for k in range(args.repeats):
+            bar.set_description(f"{name}: repeat {k + 1}/{args.repeats}")
+            record(run_open_clip(python, name, a_dir, args, setting, k, out, args.steps))
+            record(run_mmssl(name, a, args, k, out, args.steps))
+        r["summary"] = summarise([x for x in runs if x.model == name])
+    bar.close()
+
+    info["load_avg_at_end"] = os.getloadavg()
+    versions = json.loads((python.parent.parent / "mmssl-bench.json").read_text())["versions"]
+    chosen = ", ".join(f"{name} {r['open_clip_setting']}" for name, r in per_model.items())
+    results = {
+        "machine": info,
+        "target": TARGET,
+        "settings": {
+            "batch": args.batch,
+            "threads": args.threads,
+            "warmup": args.warmup,
+            "steps": args.steps,
+            "log_every": args.log_every,
+            "grad_clip": args.grad_clip,
+            "train_data": args.train_data,
+            "open_clip": (
+                f"python -m open_clip_train.main, 1 process, --precision fp32, webdataset (not resampled), "
+                f"loader workers / torch.compile as chosen: {chosen} {args.baseline_args}".rstrip()
+                + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
+            ),
+            "mmssl": (
+                f"mmssl train --nproc 1: DeepSpeed ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)} "
+                f"on world size 1, fp32, data.num_workers={args.mmssl_workers}"
+            ),
+            "open_clip_versions": versions,
+        },
+        "models": per_model,
+    }
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, out / "throughput.png")
+    print_report(results)
+    print(f"\nwritten: {out / 'results.json'}, {out / 'throughput.png'} (every run's log beside them)")
+
+
+if __name__ == "__main__":
+    main()
