@@ -351,7 +351,7 @@ def mmssl_command(a: Arch, args: argparse.Namespace, steps: int, run_dir: Path) 
         "--run-dir", str(run_dir), *a.mmssl_overrides(),
         f"data.train_shards={args.shards / 'train'}", f"data.num_workers={args.mmssl_workers}",
         f"optim.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.log_every={args.log_every}",
-        f"train.ckpt_every={steps}", "train.eval_at_end=false",
+        f"train.ckpt_every={steps}", "train.eval_at_end=false", *shlex.split(args.mmssl_args),
     ]  # fmt: skip
 
 
@@ -579,6 +579,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--mmssl-workers", type=int, default=1, help="data.num_workers (the presets' default: 1)")
     p.add_argument(
+        "--mmssl-args", default="engine.zero_stage=0",
+        help="more mmssl config overrides; default: ZeRO stage 0, as ZeRO has nothing to partition on one rank",
+    )  # fmt: skip
+    p.add_argument(
         "--shards", type=Path, default=Path("data/demo"), help="spoken-digits build (made if missing)"
     )
     p.add_argument(
@@ -711,8 +715,9 @@ def main() -> None:
                 + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
             ),
             "mmssl": (
-                f"mmssl train --nproc 1: DeepSpeed ZeRO-{ds_config.get('zero_optimization', {}).get('stage', 0)} "
-                f"on world size 1, fp32, data.num_workers={args.mmssl_workers}"
+                "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
+                f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
+                f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}".rstrip()
             ),
             "open_clip_versions": versions,
         },

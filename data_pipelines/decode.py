@@ -124,7 +124,7 @@ def decode_sample(
     assert isinstance(layout, Layout)
     found = {m: fields.find(layout.entries(m)) for m in cfg.modalities()}
     if all(f is None for f in found.values()):
-        have = sorted(k for k in raw if not k.startswith("__"))
+        have = sorted(raw.get("__files__") or (k for k in raw if not k.startswith("__")))
         wanted = {m: layout.entries(m) for m in found}
         raise fields.bad("no_modality", f"it has {have}; layout {layout.name!r} looks for {wanted}")
 
@@ -159,6 +159,13 @@ def decode_sample(
                 f"expected {tuple(template.shape)} {template.dtype}",
             )
     return out
+
+
+def wanted_files(layout: Layout, modalities: tuple[str, ...]) -> frozenset[str]:
+    """The file extensions `decode_sample` may read for these modalities under `layout` (the rest of a
+    sample's files need not be read at all)."""
+    entries = [e for m in modalities for e in layout.entries(m)] + list(layout.label)
+    return frozenset("json" if e.startswith(JSON_PREFIX) else e for e in entries)
 
 
 def templates(cfg: StreamConfig, tokenizer: Tokenizer | None) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ import torch
 from data_pipelines.bad_data import BadDataLog, BadDataTally, BadSample, format_record
 from data_pipelines.collate import collate
 from data_pipelines.config import StreamConfig
-from data_pipelines.decode import check_layout, decode_sample, templates
+from data_pipelines.decode import check_layout, decode_sample, templates, wanted_files
 from data_pipelines.position import LoaderPosition, restore
 from data_pipelines.tario import SampleRef, ShardError, expand_shards, scan_shard
 from data_pipelines.transforms import Tokenizer
@@ -94,6 +94,7 @@ class _Dataset(torch.utils.data.IterableDataset):
         self.cfg, self.urls, self.tokenizer = cfg, urls, tokenizer
         self.rank, self.world_size, self.start = rank, world_size, start
         self.layouts = [s.layout for s in cfg.source_list()]
+        self.wanted = [wanted_files(layout, cfg.modalities()) for layout in self.layouts]
         weights = np.array([s.weight for s in cfg.source_list()], dtype=np.float64)
         self.weights = weights / weights.sum()
         self.templates = templates(cfg, tokenizer)
@@ -153,7 +154,7 @@ class _Dataset(torch.utils.data.IterableDataset):
             if ref.problem:
                 raise BadSample("duplicate_file", ref.url, ref.key, ref.problem)
             try:
-                raw = ref.load()
+                raw = ref.load(self.wanted[source])
             except OSError as exn:
                 raise ShardError(
                     "unreadable_shard", ref.url, ref.key, f"{type(exn).__name__}: {exn}"

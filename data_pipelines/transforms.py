@@ -29,14 +29,28 @@ def decode_image(data: bytes, spec: ImageSpec, train: bool) -> torch.Tensor:
     """PNG/JPEG/WebP bytes -> float32 [3, size, size], normalised by spec.mean/std.
 
     `train` is accepted so augmentation can be added without changing callers; it does nothing yet.
+    Images already at the size are not resampled; normalisation is one fused multiply-add in numpy
+    (a few per-sample torch calls would cost more than the decode itself on small images).
     """
+    size = (spec.size, spec.size)
     with Image.open(io.BytesIO(data)) as img:
-        rgb = img.convert("RGB").resize((spec.size, spec.size), Image.Resampling.BICUBIC)
-    pixels = torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy())  # [H, W, C] uint8
-    image = rearrange(pixels, "h w c -> c h w").float().div_(255.0)  # [C, H, W] in [0, 1]
-    mean = torch.tensor(spec.mean, dtype=torch.float32).view(3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32).view(3, 1, 1)
-    return (image - mean) / std  # [3, size, size]
+        img.draft("RGB", size)  # JPEG: decode at the smallest scale >= size (no-op for other formats)
+        rgb = img.convert("RGB")
+    if rgb.size != size:
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    scale, shift = _normaliser(spec.mean, spec.std)
+    out = np.empty((3, spec.size, spec.size), dtype=np.float32)  # [C, H, W]
+    np.multiply(rearrange(np.asarray(rgb), "h w c -> c h w"), scale, out=out, casting="unsafe")
+    out += shift
+    return torch.from_numpy(out)  # [3, size, size]
+
+
+@functools.cache
+def _normaliser(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(x / 255 - mean) / std as x * scale + shift, per channel: each [3, 1, 1]."""
+    m, s = np.array(mean, dtype=np.float64), np.array(std, dtype=np.float64)
+    scale, shift = 1.0 / (255.0 * s), -m / s
+    return scale.astype(np.float32)[:, None, None], shift.astype(np.float32)[:, None, None]
 
 
 def decode_audio(data: bytes) -> tuple[torch.Tensor, int]:

@@ -10,16 +10,17 @@ import dataclasses
 from typing import Any
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 
 from data_pipelines import AudioSpec, ImageSpec, StreamConfig, StreamLoader, build_loader, check_layout
 from mmssl.config import RunConfig
+from mmssl.tokenizer import ClipTokenizer
 
 
-def tokenizer(cfg: RunConfig) -> SimpleTokenizer | None:
-    """open_clip's BPE tokenizer (its vocabulary ships in the wheel: nothing is downloaded)."""
+def tokenizer(cfg: RunConfig) -> ClipTokenizer | None:
+    """open_clip's BPE tokenizer, same output, faster (its vocabulary ships in the wheel: nothing is
+    downloaded)."""
     text = cfg.model.text
-    return SimpleTokenizer(context_length=text.context_length) if text is not None else None
+    return ClipTokenizer(context_length=text.context_length) if text is not None else None
 
 
 def stream_config(

@@ -3,8 +3,8 @@
 Counted: every matmul and convolution of the towers, the masked-objective decoders and heads, and
 the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
 whose input is data and needs no gradient: 1 x forward). Masked passes count at their
-real size: an MAE encoder sees ``K + 1`` tokens, not ``L + 1``. The MLM head counts its expected
-number of selected positions. Norms, softmax and elementwise work are left out, as in the usual MFU
+real size: an MAE encoder sees ``K + 1`` tokens, not ``L + 1``; the MLM head runs on its fixed
+number of selection slots per caption. Norms, softmax and elementwise work are left out, as in the usual MFU
 accounting (PaLM, Megatron). ``tests/test_flops.py`` checks the count against torch's FLOP counter.
 
 Peaks: on CUDA a table of dense bf16 tensor-core peaks; on CPU a short fp32 matmul probe, measured
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from mmssl.config import RunConfig
+from mmssl.objectives.masked_text import selection_slots
 from mmssl.objectives.masking import keep_count
 
 
@@ -77,8 +78,8 @@ def forward_flops_per_sample(cfg: RunConfig, global_batch: int) -> dict[str, flo
         encoder = transformer_flops(t.context_length, t.width, t.depth, t.mlp_ratio) + 2 * t.width * e
         parts["text"] = encoder
         if o.masked_text.enabled:
-            selected = o.masked_text.select_prob * (t.context_length - 2)  # expected, SOT/EOT never chosen
-            parts["text"] += selected * (2 * t.width * t.width + 2 * t.width * t.vocab_size)
+            slots = selection_slots(t.context_length, o.masked_text.select_prob)  # the head's positions
+            parts["text"] += slots * (2 * t.width * t.width + 2 * t.width * t.vocab_size)
             parts["text"] += encoder if o.unmasked_contrastive_pass else 0.0
     pairs = len(o.contrastive.pair_names(m.modalities))
     parts["contrastive"] = pairs * 2 * global_batch * e  # one [B, N] logit matmul per pair, per row

@@ -156,3 +156,79 @@ def test_damaged_shards_raise_after_their_complete_samples(tmp_path, damage, kin
         keys.extend(ref.key for ref in scan_shard(str(path)))
     assert info.value.kind == kind and info.value.key == last_key and str(path) in str(info.value)
     assert keys == ([] if last_key is None else [f"syn_{i:06d}" for i in range(int(last_key[-1]) + 1)])
+
+
+def _tar_with(path, fmt, members):
+    """A tar in tarfile's `fmt` holding (name, bytes) files and (name, ("type", tarfile type)) others."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if isinstance(data, bytes):
+                info.size, info.mtime = len(data), 1234.5  # a float mtime makes pax write a header
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info.type = data[1]
+                if info.type == tarfile.SYMTYPE:
+                    info.linkname = "elsewhere"
+                tar.addfile(info)
+
+
+@pytest.mark.parametrize("fmt", ["GNU_FORMAT", "USTAR_FORMAT", "PAX_FORMAT"])
+def test_scan_reads_every_tar_flavour_as_tarfile_does(tmp_path, fmt):
+    """The header scanner finds the same files, offsets and sizes as Python's tarfile: long names
+    (GNU long-name members, ustar prefixes, pax paths), non-ASCII names, directories and links."""
+    import tarfile
+
+    from data_pipelines import scan_shard
+
+    long_dir = "d" * 60 + "/" + "e" * 70
+    members = [
+        ("plain.txt", b"hello"),
+        ("plain.cls", b"3"),
+        ("sub/", ("type", tarfile.DIRTYPE)),
+        ("sub/link.txt", ("type", tarfile.SYMTYPE)),
+        (f"{long_dir}/k1.txt", b"x" * 700),  # name > 100 bytes: GNU long name, ustar prefix or pax path
+        (f"{long_dir}/k1.png", bytes(range(256)) * 3),
+        ("k2.txt", b""),
+    ]
+    if fmt != "USTAR_FORMAT":  # ustar cannot hold these
+        members += [("caf\u00e9.txt", "\u00e9".encode()), ("f" * 120 + ".txt", b"long")]
+    path = tmp_path / "shard.tar"
+    _tar_with(path, getattr(tarfile, fmt), members)
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar if m.isreg()]
+    found = [
+        (f"{ref.key}.{ext}", offset, size) for ref in scan_shard(str(path)) for ext, offset, size in ref.files
+    ]
+    assert found == expected
+    assert len(found) == len([m for m in members if isinstance(m[1], bytes)])
+
+
+def test_a_damaged_header_mid_shard_ends_it_after_the_complete_samples(tmp_path):
+    from data_pipelines import ShardError, scan_shard
+
+    path = tmp_path / "shard-000000.tar"
+    write_shards(synthetic_samples(4), tmp_path)
+    refs = list(scan_shard(str(path)))
+    raw = bytearray(path.read_bytes())
+    header = refs[2].files[0][1] - 512  # the header of sample 2's first file
+    raw[header : header + 8] = b"garbage!"  # its checksum no longer matches
+    path.write_bytes(bytes(raw))
+    keys = []
+    with pytest.raises(ShardError, match="truncated_tar") as info:
+        keys.extend(ref.key for ref in scan_shard(str(path)))
+    assert keys == ["syn_000000"] and info.value.key == "syn_000000"  # sample 1 may have lost files
+
+
+def test_load_reads_only_the_wanted_files(tmp_path):
+    from data_pipelines import scan_shard
+
+    write_shards(synthetic_samples(2), tmp_path)
+    ref = next(scan_shard(str(tmp_path / "shard-000000.tar")))
+    full, part = ref.load(), ref.load(frozenset({"txt", "json"}))
+    assert set(part) == {"__key__", "__url__", "__files__", "txt", "json"}
+    assert part["txt"] == full["txt"] and part["json"] == full["json"]
+    assert sorted(part["__files__"]) == sorted(k for k in full if not k.startswith("__"))

@@ -100,3 +100,27 @@ def test_model_embeds_are_normalised():
     for emb in out.values():
         assert emb.shape == (3, TINY.embed_dim)
         assert torch.allclose(emb.norm(dim=-1), torch.ones(3), atol=1e-5)
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_patch_embedding_equals_the_patch_convolution(modality):
+    """The towers embed patches with one matmul; the weights are a stride-p convolution's (open_clip's
+    conv1), and the result is that convolution's, forward and backward."""
+    import torch.nn.functional as F
+    from einops import rearrange
+
+    torch.manual_seed(0)
+    cfg = getattr(TINY, modality)
+    tower = build_encoder(cfg, TINY.embed_dim)
+    x = random_input(modality, cfg, 3)
+    ours = tower.embed_patches(x)
+    if modality == "image":
+        conv = F.conv2d(x, tower.conv1.weight, stride=cfg.patch_size)
+    else:
+        cropped = x[..., : cfg.grid[1] * cfg.patch_time]
+        conv = F.conv2d(cropped[:, None], tower.conv1.weight, stride=(cfg.patch_freq, cfg.patch_time))
+    reference = rearrange(conv, "b d h w -> b (h w) d")
+    assert torch.allclose(ours, reference, atol=1e-5)
+    (grad,) = torch.autograd.grad((ours**2).sum(), tower.conv1.weight)
+    (expected,) = torch.autograd.grad((reference**2).sum(), tower.conv1.weight)
+    assert torch.allclose(grad, expected, atol=1e-4)

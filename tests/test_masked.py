@@ -120,6 +120,11 @@ def test_reconstruction_loss_ignores_visible_targets_and_absent_rows(modality):
     assert tower.conv1.weight.grad.abs().sum() > 0  # gradients reach the encoder
 
 
+def selected_mask(objective: MaskedTextObjective, text: torch.Tensor, seed: int) -> tuple[torch.Tensor, ...]:
+    corrupted, positions, chosen = objective.corrupt(text, gen(seed))
+    return corrupted, torch.zeros_like(text, dtype=torch.bool).scatter_(1, positions, chosen)
+
+
 def test_mlm_corruption_statistics_and_loss_on_selected_only():
     torch.manual_seed(0)
     cfg = MaskedTextConfig(enabled=True)
@@ -127,18 +132,21 @@ def test_mlm_corruption_statistics_and_loss_on_selected_only():
     objective = MaskedTextObjective(cfg, MODEL.text)
     t = torch.randint(1, 40000, (4000, MODEL.text.context_length), generator=gen(3))
     t[:, 0], t[:, -1] = SOT_TOKEN_ID, EOT_TOKEN_ID
-    corrupted, selected = objective.corrupt(t, gen(0))
-    assert not selected[:, 0].any() and not selected[:, -1].any()  # special tokens never selected
+    t[2000:, 5], t[2000:, 6:] = EOT_TOKEN_ID, 0  # half of them short: 4 ordinary tokens
+    corrupted, selected = selected_mask(objective, t, 0)
+    assert not (selected & ((t == SOT_TOKEN_ID) | (t == EOT_TOKEN_ID) | (t == 0))).any()  # specials never
     assert torch.equal(corrupted[~selected], t[~selected])  # unselected positions untouched
-    share = selected[:, 1:-1].float().mean()
-    assert abs(share - 0.15) < 0.01
+    for rows, ordinary in ((slice(0, 2000), 14), (slice(2000, None), 4)):  # 15% at every length
+        assert abs(selected[rows].sum(1).float().mean() / ordinary - 0.15) < 0.01
+    assert len({tuple(row.nonzero()[:, 0].tolist()) for row in selected[:200]}) > 50  # random positions
     as_mask = (corrupted[selected] == MASK_TOKEN_ID).float().mean()
     unchanged = (corrupted[selected] == t[selected]).float().mean()
     assert abs(as_mask - 0.8) < 0.02 and abs(unchanged - 0.1) < 0.02
 
     small = texts()
     features, corrupted, terms = objective(tower, small, torch.ones(4, dtype=torch.bool), gen(7))
-    _, selected = objective.corrupt(small, gen(7))
+    _, selected = selected_mask(objective, small, 7)
+    assert selected.any()
     logits = objective.head(features)  # [B, L, V]
     reference = F.cross_entropy(logits[selected], small[selected])
     assert torch.allclose(terms["masked_text_loss"], reference, atol=1e-5)

@@ -36,9 +36,8 @@ class AudioTower(PatchTransformer):
         return x[..., : self.cfg.grid[1] * self.cfg.patch_time]  # [B, F, t*patch_time]
 
     def embed_patches(self, x: Tensor) -> Tensor:
-        # [B, F, T] -> [B, L, D]
-        x = rearrange(self._crop(x), "b f t -> b 1 f t")
-        return rearrange(self.conv1(x), "b d f t -> b (f t) d")
+        """``[B, F, T] -> [B, L, D]``: the patch convolution as one matmul over flattened patches."""
+        return self.patchify(x) @ rearrange(self.conv1.weight, "d 1 pf pt -> (pf pt) d")
 
     def patchify(self, x: Tensor) -> Tensor:
         """Values per patch, in token order: ``[B, F, T] -> [B, L, patch_freq*patch_time]``."""

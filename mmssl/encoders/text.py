@@ -1,8 +1,8 @@
 """Text tower: a transformer over open_clip BPE tokens, named like open_clip's TextTransformer.
 
 Causal (CLIP) by default, pooled at the end-of-text token (open_clip finds it as the highest id; we
-look for its id, since masked language modelling adds a [MASK] id above it). With ``causal=False`` attention is bidirectional and padding keys are masked, as masked
-language modelling needs.
+look for its id, since masked language modelling adds a [MASK] id above it). With ``causal=False``
+attention is bidirectional and padding keys are masked, as masked language modelling needs.
 
 Axis legend: B batch, L context length, D width, E embedding, V vocabulary, H heads.
 """
@@ -10,11 +10,12 @@ Axis legend: B batch, L context length, D width, E embedding, V vocabulary, H he
 from __future__ import annotations
 
 import torch
-from einops import repeat
-from open_clip.transformer import LayerNorm, Transformer
+from einops import rearrange
+from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
 from mmssl.config import EOT_TOKEN_ID, TextTowerConfig
+from mmssl.encoders.attention import sdpa_transformer
 
 PAD_ID = 0  # open_clip's tokenizer pads with zeros
 
@@ -25,23 +26,26 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, batch_first=True)
-        self.transformer.grad_checkpointing = cfg.grad_checkpointing
+        self.transformer = sdpa_transformer(
+            cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, causal=cfg.causal,
+            grad_checkpointing=cfg.grad_checkpointing,
+        )  # fmt: skip
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
-        causal = torch.full((cfg.context_length, cfg.context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", causal, persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=cfg.width**-0.5)
 
-    def _mask(self, text: Tensor) -> Tensor:
+    def _mask(self, text: Tensor) -> Tensor | None:
+        """None when causal (SDPA applies the causal mask itself); else an additive mask hiding padding
+        keys, ``[B, 1, 1, L]``, broadcast over heads and queries. Position 0 (the start token) stays
+        visible, so even an all-padding row (an absent caption) attends to something and gives no NaN."""
         if self.cfg.causal:
-            return self.attn_mask  # [L, L]
-        # bidirectional: every query may attend to every non-padding key
-        pad = torch.zeros(text.shape, dtype=self.attn_mask.dtype, device=text.device)
-        pad = pad.masked_fill(text == PAD_ID, float("-inf"))  # [B, L]
-        return repeat(pad, "b k -> (b h) q k", h=self.cfg.heads, q=text.shape[1])  # [B*H, L, L]
+            return None
+        pad = text == PAD_ID  # [B, L]
+        pad[:, 0] = False
+        mask = torch.zeros(pad.shape, dtype=self.positional_embedding.dtype, device=text.device)
+        return rearrange(mask.masked_fill_(pad, float("-inf")), "b k -> b 1 1 k")
 
     def forward_features(self, text: Tensor) -> Tensor:
         """Token ids ``[B, L]`` -> token features ``[B, L, D]``."""

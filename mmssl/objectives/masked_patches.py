@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 from einops import repeat
-from open_clip.transformer import LayerNorm, Transformer
+from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
 from mmssl.config import MaskedPatchConfig
+from mmssl.encoders.attention import sdpa_transformer
 from mmssl.encoders.common import PatchTransformer
 from mmssl.objectives.masking import mask_from_keep, mask_scores, random_keep
 
@@ -33,7 +34,7 @@ class MaskedPatchObjective(nn.Module):
         self.decoder_embed = nn.Linear(width, dw)
         self.mask_token = nn.Parameter(0.02 * torch.randn(dw))
         self.decoder_pos = nn.Parameter(0.02 * torch.randn(num_patches, dw))
-        self.decoder = Transformer(dw, cfg.decoder_depth, cfg.decoder_heads, 4.0, batch_first=True)
+        self.decoder = sdpa_transformer(dw, cfg.decoder_depth, cfg.decoder_heads, 4.0)
         self.decoder_norm = LayerNorm(dw)
         self.decoder_pred = nn.Linear(dw, patch_dim)
 

@@ -1,18 +1,27 @@
 """Masked language modelling (BERT) on the text tower.
 
-Of the non-special tokens (not padding, start or end of text), ``select_prob`` are selected; of those,
-``mask_prob`` become [MASK], ``random_prob`` a random ordinary token and the rest stay as they were.
-The tower runs bidirectionally on the corrupted text, and a head predicts the original ids at the
-selected positions only. The end-of-text token is never corrupted, so the same pass also gives the
-pooled embedding for the contrastive loss.
+Of each caption's ``n`` ordinary tokens (not padding, start or end of text), ``select_prob * n`` are
+selected at random, rounded stochastically (down or up, so the expected count is exactly
+``select_prob * n`` for every length; BERT's reference code also picks a count per sequence and then
+that many positions). Of the selected tokens, ``mask_prob`` become [MASK], ``random_prob`` a random
+ordinary token and the rest stay as they were. The tower runs bidirectionally on the corrupted text,
+and a head predicts the original ids at the selected positions only. The end-of-text token is never
+corrupted, so the same pass also gives the pooled embedding for the contrastive loss.
 
-Axis legend: B batch, L context, D width, S selected positions in the batch, V vocabulary.
+Every shape here is fixed by the config (each caption gets ``K = ceil(select_prob * (L - 2))`` slots,
+the unused ones weighted 0), so the objective never waits on the device to size a tensor (no host
+sync in the step) and the head costs ``B * K`` positions, not ``B * L``.
+
+Axis legend: B batch, L context, K selection slots per caption, D width, V vocabulary.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+from einops import repeat
 from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
@@ -20,10 +29,16 @@ from mmssl.config import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, MaskedTextCo
 from mmssl.encoders.text import PAD_ID, TextTower
 
 
+def selection_slots(context_length: int, select_prob: float) -> int:
+    """K: the most tokens a caption of ``context_length`` can have selected."""
+    return max(1, math.ceil(select_prob * (context_length - 2)))
+
+
 class MaskedTextObjective(nn.Module):
     def __init__(self, cfg: MaskedTextConfig, tower: TextTowerConfig):
         super().__init__()
         self.cfg = cfg
+        self.slots = selection_slots(tower.context_length, cfg.select_prob)
         self.head = nn.Sequential(
             nn.Linear(tower.width, tower.width),
             nn.GELU(),
@@ -31,33 +46,41 @@ class MaskedTextObjective(nn.Module):
             nn.Linear(tower.width, tower.vocab_size),
         )
 
-    def corrupt(self, text: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Token ids ``[B, L]`` -> (corrupted ids ``[B, L]``, selected ``[B, L]`` bool)."""
+    def corrupt(self, text: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Token ids ``[B, L]`` -> corrupted ids ``[B, L]``, slot positions ``[B, K]`` and which slots are
+        selected ``[B, K]`` (bool)."""
 
         def rand(*shape: int) -> Tensor:
             return torch.rand(*shape, generator=generator, device=generator.device).to(text.device)
 
-        special = (text == PAD_ID) | (text == SOT_TOKEN_ID) | (text == EOT_TOKEN_ID)
-        selected = (rand(*text.shape) < self.cfg.select_prob) & ~special
+        ordinary = (text != PAD_ID) & (text != SOT_TOKEN_ID) & (text != EOT_TOKEN_ID)  # [B, L]
+        count = torch.floor(self.cfg.select_prob * ordinary.sum(dim=1) + rand(text.shape[0]))  # [B]
+        scores = rand(*text.shape).masked_fill_(~ordinary, 2.0)  # ordinary tokens (< 1) come first
+        positions = scores.topk(self.slots, dim=1, largest=False).indices  # [B, K], random order
+        chosen = torch.arange(self.slots, device=text.device) < count[:, None]  # [B, K]
+        selected = torch.zeros_like(ordinary).scatter_(1, positions, chosen)  # [B, L]
         u = rand(*text.shape)
         to_mask = selected & (u < self.cfg.mask_prob)
         to_random = selected & (u >= self.cfg.mask_prob) & (u < self.cfg.mask_prob + self.cfg.random_prob)
         random_ids = (rand(*text.shape) * (SOT_TOKEN_ID - 1)).long() + 1  # ordinary BPE ids 1 .. SOT-1
         corrupted = torch.where(to_mask, MASK_TOKEN_ID, torch.where(to_random, random_ids, text))
-        return corrupted, selected
+        return corrupted, positions, chosen
 
     def forward(
         self, tower: TextTower, text: Tensor, present: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One bidirectional pass on corrupted text. Returns its features ``[B, L, D]``, the corrupted ids
         (for pooling) and ``{"masked_text_loss", "masked_text_ratio"}``."""
-        corrupted, selected = self.corrupt(text, generator)
-        selected = selected & present[:, None]
+        corrupted, positions, chosen = self.corrupt(text, generator)
         features = tower.forward_features(corrupted)  # [B, L, D]
-        # boolean indexing syncs with the host once (it sizes S); logits for all B*L positions would
-        # cost B*L*V memory instead
-        logits = self.head(features[selected])  # [S, V]
-        loss = F.cross_entropy(logits.float(), text[selected], reduction="sum") / selected.sum().clamp(min=1)
+        picked = torch.gather(
+            features, 1, repeat(positions, "b k -> b k d", d=features.shape[-1])
+        )  # [B, K, D]
+        logits = self.head(picked)  # [B, K, V]
+        targets = torch.gather(text, 1, positions)  # [B, K]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [B*K]
+        weight = (chosen & present[:, None]).flatten().to(ce.dtype)  # [B*K]
+        loss = (ce * weight).sum() / weight.sum().clamp(min=1)
         ordinary = (text != PAD_ID) & (text != SOT_TOKEN_ID) & (text != EOT_TOKEN_ID) & present[:, None]
-        ratio = (selected.sum() / ordinary.sum().clamp(min=1)).detach()
+        ratio = (weight.sum() / ordinary.sum().clamp(min=1)).detach()
         return features, corrupted, {"masked_text_loss": loss, "masked_text_ratio": ratio}
