@@ -24,6 +24,37 @@ class ImageSpec:
 
 
 @dataclass(kw_only=True)
+class AudioAugment:
+    """Training-time audio augmentation; every draw comes from the sample's seeded generator, so a
+    resumed stream repeats it exactly. Evaluation never augments.
+
+    speed         play each clip at a random speed in [lo, hi] (tempo and pitch together, as in Kaldi's
+                  speed perturbation): a cheap stand-in for unseen speakers' voices
+    shift         place a clip shorter than the window at a random offset instead of at the start
+    gain_db       random gain, uniform in +-gain_db decibels
+    freq_masks / freq_mask_width, time_masks / time_mask_width
+                  SpecAugment: that many bands of up to that many mel bins / frames set to 0 (the
+                  normalised mean), with torchaudio's mask_along_axis
+    """
+
+    speed: tuple[float, float] = (1.0, 1.0)
+    shift: bool = False
+    gain_db: float = 0.0
+    freq_masks: int = 0
+    freq_mask_width: int = 0
+    time_masks: int = 0
+    time_mask_width: int = 0
+
+    def __post_init__(self) -> None:
+        lo, hi = self.speed
+        if not 0.5 <= lo <= hi <= 2.0:
+            raise ValueError(f"AudioAugment.speed must be a range within [0.5, 2.0], got {self.speed}")
+        for name in ("gain_db", "freq_masks", "freq_mask_width", "time_masks", "time_mask_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AudioAugment.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class AudioSpec:
     """Audio comes out as a normalised log-mel spectrogram, float32 [n_mels, n_frames].
 
@@ -38,6 +69,7 @@ class AudioSpec:
     n_mels: int
     mean: float = -4.0
     std: float = 4.0
+    augment: AudioAugment | None = None  # training only
 
     def __post_init__(self) -> None:
         for name in ("sample_rate", "clip_samples", "n_fft", "hop_length", "n_mels"):

@@ -18,7 +18,7 @@ import torchaudio
 from einops import rearrange
 from PIL import Image
 
-from data_pipelines.specs import AudioSpec, ImageSpec
+from data_pipelines.specs import AudioAugment, AudioSpec, ImageSpec
 
 Tokenizer = Callable[[list[str]], torch.Tensor]  # list of N captions -> LongTensor [N, L]
 
@@ -197,11 +197,18 @@ def decode_audio_clip(
     drawn exactly as crop_or_pad draws it, so the result equals decoding everything and cropping
     (checked for wav, flac, ogg, mp3); long wav/flac/ogg clips decode several times faster (MP3 is
     decoded from its start, as libsndfile's MP3 seeks are not sample-accurate).
+
+    With speed augmentation (training), the returned rate is the file's rate times the drawn speed
+    (rounded to 100 Hz): resampling from it to spec.sample_rate plays the clip that much faster.
     """
+    augment = spec.augment if train else None
+    speed = _uniform(generator, *augment.speed) if augment and augment.speed != (1.0, 1.0) else 1.0
     with soundfile.SoundFile(io.BytesIO(data)) as f:
         sr, frames = int(f.samplerate), int(f.frames)
         if frames <= 0:
             raise ValueError("audio has no samples")
+        if speed != 1.0:
+            sr = max(100, round(sr * speed / 100) * 100)  # few distinct rates: resampling kernels are cached
         span = clip_span(spec, sr)
         start = crop_start(frames, span, train=train, generator=generator)
         # libsndfile's MP3 seeks are not sample-accurate: decode from the start up to the span's end
@@ -234,14 +241,50 @@ def audio_to_logmel(
     wave = torch.as_tensor(wave, dtype=torch.float32)
     if wave.dim() != 1:
         raise ValueError(f"audio_to_logmel expects a mono waveform [T], got shape {tuple(wave.shape)}")
+    augment = spec.augment if train else None
     if sr != spec.sample_rate:
         wave = crop_or_pad(wave, clip_span(spec, sr), train=train, generator=generator)  # [span] at sr
         wave = resample(wave, sr, spec.sample_rate)  # [>= clip_samples] at spec.sample_rate
         wave = crop_or_pad(wave, spec.clip_samples, train=False)  # drops the rounding sample, if any
     else:
         wave = crop_or_pad(wave, spec.clip_samples, train=train, generator=generator)  # [clip_samples]
+    if augment and augment.shift:
+        wave = _shift_into_place(wave, generator)
     with torch.no_grad():
         mel = mel_spectrogram(wave, spec.sample_rate, spec.n_fft, spec.hop_length, spec.n_mels)  # [M, F]
+    if augment and augment.gain_db:
+        mel = mel * 10 ** (_uniform(generator, -augment.gain_db, augment.gain_db) / 10)  # power: dB / 10
     logmel = (torch.log(mel + _LOG_EPS) - spec.mean) / (2 * spec.std)
     assert logmel.shape == (spec.n_mels, spec.n_frames), (tuple(logmel.shape), spec)
+    if augment and (augment.freq_masks or augment.time_masks):
+        logmel = spec_augment(logmel, augment, generator)
     return logmel  # [n_mels, n_frames]
+
+
+def _uniform(generator: torch.Generator | None, lo: float, hi: float) -> float:
+    return lo + (hi - lo) * float(torch.rand((), generator=generator))
+
+
+def _shift_into_place(wave: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """A clip right-padded with zeros ([T]) moved to a random offset within its window."""
+    nonzero = torch.nonzero(wave)
+    room = wave.shape[0] - (int(nonzero[-1]) + 1 if len(nonzero) else 0)
+    if room <= 0:
+        return wave
+    offset = int(torch.randint(0, room + 1, (1,), generator=generator))
+    return torch.roll(wave, offset)  # what rolls round from the end is padding: zeros
+
+
+def spec_augment(
+    logmel: torch.Tensor, augment: AudioAugment, generator: torch.Generator | None
+) -> torch.Tensor:
+    """SpecAugment on a normalised log-mel [M, F] with torchaudio's masking, driven by a seed drawn from
+    `generator` (torchaudio draws from torch's global generator, which this leaves untouched)."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for _ in range(augment.freq_masks):
+            logmel = torchaudio.functional.mask_along_axis(logmel, augment.freq_mask_width, 0.0, axis=0)
+        for _ in range(augment.time_masks):
+            logmel = torchaudio.functional.mask_along_axis(logmel, augment.time_mask_width, 0.0, axis=1)
+    return logmel

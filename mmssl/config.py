@@ -255,6 +255,30 @@ class SourceConfig:
 
 
 @dataclass(kw_only=True)
+class AudioAugmentConfig:
+    """Training-time audio augmentation, off by default (``data_pipelines.AudioAugment`` says what each
+    does): ``speed`` range (tempo and pitch), random ``shift`` of short clips in the window, random
+    ``gain_db``, and SpecAugment frequency / time masks."""
+
+    speed: tuple[float, float] = (1.0, 1.0)
+    shift: bool = False
+    gain_db: float = 0.0
+    freq_masks: int = 0
+    freq_mask_width: int = 0
+    time_masks: int = 0
+    time_mask_width: int = 0
+
+    def validate(self, path: str) -> None:
+        if len(self.speed) != 2 or not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
+            raise ValueError(
+                f"{path}.speed must be [lo, hi] with 0.5 <= lo <= hi <= 2, got {list(self.speed)}"
+            )
+        for name in ("gain_db", "freq_masks", "freq_mask_width", "time_masks", "time_mask_width"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     """Where samples come from and how the loader runs; tensor sizes come from the model config.
 
@@ -270,8 +294,10 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     shards_per_round: int = 4
+    audio_augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
 
     def validate(self, path: str = "data") -> None:
+        self.audio_augment.validate(f"{path}.audio_augment")
         if bool(self.train_shards) == bool(self.sources):
             raise ValueError(
                 f"{path}: name the training data in exactly one of {path}.train_shards (a dir, glob or brace "

@@ -11,8 +11,16 @@ from typing import Any
 
 import torch
 
-from data_pipelines import AudioSpec, ImageSpec, StreamConfig, StreamLoader, build_loader, check_layout
-from mmssl.config import RunConfig
+from data_pipelines import (
+    AudioAugment,
+    AudioSpec,
+    ImageSpec,
+    StreamConfig,
+    StreamLoader,
+    build_loader,
+    check_layout,
+)
+from mmssl.config import AudioAugmentConfig, RunConfig
 from mmssl.tokenizer import ClipTokenizer
 
 
@@ -30,12 +38,14 @@ def stream_config(
     audio = None
     if m.audio is not None:
         a = m.audio
+        augment = d.audio_augment
         audio = AudioSpec(
             sample_rate=a.sample_rate,
             clip_samples=a.clip_samples,
             n_fft=a.n_fft,
             hop_length=a.hop_length,
             n_mels=a.n_mels,
+            augment=AudioAugment(**dataclasses.asdict(augment)) if augment != AudioAugmentConfig() else None,
         )
     if shards or not train:
         where = {"shards": shards or d.eval_shards, "layout": d.layout if train else d.eval_layout}

@@ -190,3 +190,52 @@ def test_reading_only_the_clip_equals_decoding_everything_and_cropping(fmt, trai
     clip = decode_audio_clip(data, SPEC, train, torch.Generator().manual_seed(7))
     assert clip[0].shape[0] == math.ceil(SPEC.clip_samples * 44100 / SPEC.sample_rate)
     assert torch.allclose(logmel(clip), whole, atol=1e-3 if fmt == "mp3" else 1e-6)
+
+
+def _wav_bytes(wave: torch.Tensor, sr: int) -> bytes:
+    buf = io.BytesIO()
+    soundfile.write(buf, wave.numpy(), sr, format="WAV", subtype="FLOAT")
+    return buf.getvalue()
+
+
+def _loud_frames(logmel: torch.Tensor) -> torch.Tensor:
+    """Indices of frames with speech-level energy (well above the zero padding's floor)."""
+    return torch.nonzero(logmel.amax(dim=0) > logmel.min() + 1.0)[:, 0]
+
+
+def test_audio_augment_is_seeded_training_only_and_each_part_acts():
+    import dataclasses
+
+    from data_pipelines import AudioAugment
+    from data_pipelines.transforms import decode_audio_clip
+
+    data = _wav_bytes(tone(16000, 0.2, hz=800.0), 16000)  # a short burst in a 0.5 s window
+
+    def logmel(augment, seed, train=True):
+        spec = dataclasses.replace(SPEC, augment=augment)
+        g = torch.Generator().manual_seed(seed)
+        wave, sr = decode_audio_clip(data, spec, train, g)
+        return audio_to_logmel(wave, sr, spec, train, g)
+
+    plain = logmel(None, 0)
+    everything = AudioAugment(speed=(0.8, 1.25), shift=True, gain_db=6.0, freq_masks=2, freq_mask_width=8,
+                              time_masks=2, time_mask_width=10)  # fmt: skip
+    assert torch.equal(logmel(everything, 0, train=False), logmel(None, 0, train=False))  # eval: untouched
+    assert torch.equal(logmel(everything, 3), logmel(everything, 3))  # reproducible from the seed
+    assert not torch.equal(logmel(everything, 3), logmel(everything, 4))
+    # shift: the burst starts at different frames, and is never cut
+    starts = {int(_loud_frames(logmel(AudioAugment(shift=True), s))[0]) for s in range(8)}
+    shifted = len(_loud_frames(logmel(AudioAugment(shift=True), 5)))
+    assert len(starts) > 3 and abs(shifted - len(_loud_frames(plain))) <= 1  # (frame alignment)
+    # speed: faster clips are shorter, slower ones longer
+    lengths = [len(_loud_frames(logmel(AudioAugment(speed=(v, v)), 0))) for v in (0.8, 1.0, 1.25)]
+    assert lengths[0] > lengths[1] > lengths[2]
+    # gain: a constant shift of the log-mel where the signal is
+    up = logmel(AudioAugment(gain_db=6.0), 1) - plain
+    strong = plain > plain.max() - 0.5  # the tone itself, far above the log floor
+    assert up[strong].std() < 1e-3 and abs(float(up[strong].mean())) > 1e-3
+    # SpecAugment: masked bands are exactly the normalised mean, 0
+    masked = logmel(AudioAugment(freq_masks=1, freq_mask_width=8, time_masks=1, time_mask_width=10), 2)
+    assert (masked == 0).any() and torch.equal(masked[masked != 0], plain[masked != 0])
+    with pytest.raises(ValueError, match="speed"):
+        AudioAugment(speed=(1.2, 1.0))
