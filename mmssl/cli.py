@@ -52,6 +52,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     world = None if args.hostfile else args.nproc * args.nnodes  # with a hostfile its slots decide
     with user_errors():
+        if args.nnodes > 1 and not (args.master_addr and args.master_port):
+            raise ValueError(
+                "--nnodes > 1 needs --master-addr and --master-port: the first node's address and a port "
+                "every node agrees on"
+            )
+        if not 0 <= args.node_rank < args.nnodes:
+            raise ValueError(f"--node-rank must be in [0, --nnodes={args.nnodes}), got {args.node_rank}")
         cfg = build_config(args)
         data.check_shards(cfg)
         if world:
@@ -64,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         train(cfg, resume=resume)
         return 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, run_dir / "config.json")
+    save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
     env = dict(os.environ)
     if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
@@ -72,9 +79,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = ["--hostfile", args.hostfile] + (
             ["--master_addr", args.master_addr] if args.master_addr else []
         )
-    elif args.nnodes > 1:  # one launcher per node (SLURM's srun): no ssh
-        where = ["--no_ssh", "--num_nodes", str(args.nnodes), "--node_rank", str(args.node_rank),
-                 "--master_addr", args.master_addr or "127.0.0.1", "--num_gpus", str(args.nproc)]  # fmt: skip
+    elif args.nnodes > 1:  # one launcher per node (SLURM's srun), no ssh: DeepSpeed still wants a
+        # hostfile to know every node's slots; its names are never contacted
+        hostfile = run_dir / f"hostfile.{args.nnodes}x{args.nproc}"
+        write_atomically(hostfile, "".join(f"node-{i} slots={args.nproc}\n" for i in range(args.nnodes)))
+        where = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(args.node_rank),
+                 "--master_addr", args.master_addr]  # fmt: skip
     else:
         where = ["--num_gpus", str(args.nproc)]
     port = args.master_port or engine.free_port()
@@ -90,6 +100,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return subprocess.run(command, env=env).returncode
     finally:
         engine.remove_shm_buffers(port)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -> str:

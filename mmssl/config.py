@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -494,7 +495,12 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 
 def save_json(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    """Written to a temporary file and renamed: a rank reading it (another node's launcher may be
+    writing the same file) never sees half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    os.replace(tmp, path)
 
 
 def load_json(path: str | Path) -> RunConfig:

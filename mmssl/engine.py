@@ -201,6 +201,13 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def gathered_state_dict(self) -> dict[str, Tensor] | None:
+        """The whole task's weights on rank 0 (None on the others). Under ZeRO-3, where every rank holds a
+        part of each weight, they are gathered one layer at a time: call this on every rank."""
+        if self.zero_stage == 3:
+            return self.ds._zero3_consolidated_16bit_state_dict()
+        return self.module.state_dict() if self.info.is_main else None
+
     def save(self, ckpt_dir: str | Path, step: int, client_state: dict[str, Any], *, keep_last: int) -> str:
         """Save atomically: every rank writes its part of ``step_<n>``; only when all are done does rank 0
         point ``latest`` at it (write to a temporary file, then rename), so a kill at any moment leaves

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from data_pipelines import BAD_KINDS, combine_states
 from mmssl import data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
+from mmssl.model import MultimodalModel
 from mmssl.runlog import RunLog, Throughput
 from mmssl.task import Task
 
@@ -189,10 +190,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         "bad_data": bad_data_totals(loader),
     }
     if cfg.train.eval_at_end and cfg.data.eval_shards:
-        if eng.zero_stage == 3:
-            log.write("ZeRO-3 partitions the weights: evaluate the checkpoint with `mmssl eval RUN_DIR`")
-        elif info.is_main:
-            summary["eval"] = evaluate.run_eval(task.model, cfg, run_dir, device=info.device, dtype=eng.dtype)
+        model = model_to_evaluate(task, eng, cfg, info.device)  # every rank takes part under ZeRO-3
+        if info.is_main:
+            summary["eval"] = evaluate.run_eval(model, cfg, run_dir, device=info.device, dtype=eng.dtype)
         engine.barrier()
     if info.is_main:
         report.loss_curves_png(report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
@@ -200,6 +200,21 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         print(format_summary(summary, run_dir), flush=True)
     engine.shutdown()
     return summary
+
+
+def model_to_evaluate(
+    task: Task, eng: engine.Engine, cfg: RunConfig, device: torch.device
+) -> MultimodalModel | None:
+    """What rank 0 evaluates: the trained model itself, or under ZeRO-3 (each rank holds a part of every
+    weight, and a forward needs all ranks) a copy built from the gathered weights. None on other ranks."""
+    if eng.zero_stage < 3:
+        return task.model
+    state = eng.gathered_state_dict()
+    if state is None:
+        return None
+    model = MultimodalModel(cfg.model)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")})
+    return model.to(device=device, dtype=eng.dtype)
 
 
 def _flops(value: float | None) -> str:
