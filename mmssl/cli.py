@@ -393,7 +393,19 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv)
+    p = parser()
+    # argparse stops filling a positional list once options follow it (`eval RUN --data X key=value`):
+    # KEY=VALUE words it leaves over are overrides wherever they stand
+    args, extra = p.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        print(
+            f"mmssl: error: unrecognized arguments: {' '.join(stray)} (see mmssl {argv[0]} --help)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     args.argv = argv  # to start the same command on several ranks
     if getattr(args, "nproc", 1) < 1:
         print("mmssl: error: --nproc must be >= 1", file=sys.stderr)

@@ -348,10 +348,18 @@ class EngineConfig:
     offload_optimizer: bool = False  # ZeRO-Offload: optimizer state and step on the CPU (stage >= 1)
     offload_params: bool = False  # ZeRO-Infinity: parameters on the CPU between uses (stage 3)
     load_universal: bool = False  # resume from a universal checkpoint (set by `--resume` on a new world size)
+    # torch.compile every transformer trunk (towers and MAE decoders): fuses norms, activations and
+    # residual adds; worth it on GPU, see the README's performance section for this CPU
+    compile: bool = False
 
     def validate(self, path: str = "engine") -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ValueError(f"{path}.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.compile and self.zero_stage == 3:
+            raise ValueError(
+                f"{path}.compile is not supported with ZeRO-3 (its parameter gathering hooks break the "
+                "compiled graphs): use ZeRO-1/2 or compile=false"
+            )
 
 
 @dataclass(kw_only=True)

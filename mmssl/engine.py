@@ -110,6 +110,8 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.engine.load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    if stage == 3 and cfg.engine.compile:
+        raise ValueError("engine.compile is not supported with ZeRO-3 (the DeepSpeed config gives stage 3)")
     if stage == 3 and cfg.objectives.unmasked_contrastive_pass:
         raise ValueError(
             "ZeRO-3 runs each tower once per step: set objectives.unmasked_contrastive_pass=false"
@@ -145,6 +147,17 @@ def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, fused=True, **kwargs)
 
 
+def compile_trunks(module: nn.Module) -> int:
+    """torch.compile, in place, every open_clip ``Transformer`` in ``module`` (tower trunks and MAE
+    decoders): the module tree and its state dict keys stay as they are. Returns how many."""
+    from open_clip.transformer import Transformer
+
+    trunks = [m for m in module.modules() if isinstance(m, Transformer)]
+    for trunk in trunks:
+        trunk.compile(dynamic=False)
+    return len(trunks)
+
+
 def lr_lambda(cfg: RunConfig):
     warmup, total, floor = cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio
 
@@ -163,6 +176,8 @@ class Engine:
     def __init__(self, task: nn.Module, cfg: RunConfig, info: DistInfo):
         self.info = info
         self.ds_config = resolve_ds_config(cfg, info.world_size)
+        if cfg.engine.compile:
+            compile_trunks(task)
         optimizer = build_optimizer(task, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(

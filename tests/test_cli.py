@@ -59,3 +59,11 @@ def test_zero3_with_a_second_pass_and_offload_without_zero3(capsys, demo_shards)
     assert "engine.offload_optimizer" in run(
         capsys, "train", *shards, "engine.zero_stage=0", "engine.offload_optimizer=true"
     )
+
+
+def test_overrides_may_follow_options_and_strays_are_refused(capsys, demo_shards):
+    train = f"data.train_shards={demo_shards}/train"
+    # argparse alone would drop KEY=VALUE words that come after a later option
+    assert "optim.lr" in run(capsys, "train", train, "--preset", "tiny", "optim.lr=-1")
+    assert "unrecognized arguments: stray" in run(capsys, "train", train, "--preset", "tiny", "stray")
+    assert "unrecognized arguments: --bogus" in run(capsys, "train", "--bogus", train)

@@ -15,12 +15,10 @@ def batch_for(cfg, b: int) -> dict:
     m = cfg.model
     text = torch.randint(1, 40000, (b, m.text.context_length))
     text[:, 0], text[:, -1] = SOT_TOKEN_ID, EOT_TOKEN_ID
-    batch = {
-        "image": torch.randn(b, 3, m.image.image_size, m.image.image_size),
-        "text": text,
-        "audio": torch.randn(b, m.audio.n_mels, m.audio.n_frames),
-    }
-    batch["present"] = {k: torch.ones(b, dtype=torch.bool) for k in ("image", "text", "audio")}
+    batch = {"image": torch.randn(b, 3, m.image.image_size, m.image.image_size), "text": text}
+    if m.audio is not None:
+        batch["audio"] = torch.randn(b, m.audio.n_mels, m.audio.n_frames)
+    batch["present"] = {k: torch.ones(b, dtype=torch.bool) for k in batch}
     return batch
 
 
