@@ -69,6 +69,25 @@ def run(name: str, args: argparse.Namespace, out: Path, k: int) -> dict:
     }
 
 
+def plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.barh(names, [100 * table[n]["mfu"] for n in names])
+    left.axvline(100 * MFU_TARGET, color="grey", linestyle="--", linewidth=1)
+    left.set_xlabel("MFU, % of the measured peak")
+    right.barh(names, [table[n]["ms_per_step"] for n in names])
+    right.set_xlabel("ms per step")
+    right.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nproc", type=int, default=2, help="ranks (the demo's 2)")
@@ -134,10 +153,11 @@ def main() -> None:
         print(
             f"trimodal + masked step / {base} step = {ratio:.2f} (target <= 1.0: {'met' if ratio <= 1 else 'missed'})"
         )
+    plot(table, out / "mfu.png")
     (out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table}, indent=2)
     )
-    print(f"\nwritten: {out / 'results.json'}")
+    print(f"\nwritten: {out / 'results.json'}, {out / 'mfu.png'}")
 
 
 if __name__ == "__main__":

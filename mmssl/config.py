@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data_pipelines.specs import AudioAugment
+
 MODALITIES = ("image", "text", "audio")
 # open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
 SOT_TOKEN_ID, EOT_TOKEN_ID, MASK_TOKEN_ID = 49406, 49407, 49408
@@ -256,30 +258,6 @@ class SourceConfig:
 
 
 @dataclass(kw_only=True)
-class AudioAugmentConfig:
-    """Training-time audio augmentation, off by default (``data_pipelines.AudioAugment`` says what each
-    does): ``speed`` range (tempo and pitch), random ``shift`` of short clips in the window, random
-    ``gain_db``, and SpecAugment frequency / time masks."""
-
-    speed: tuple[float, float] = (1.0, 1.0)
-    shift: bool = False
-    gain_db: float = 0.0
-    freq_masks: int = 0
-    freq_mask_width: int = 0
-    time_masks: int = 0
-    time_mask_width: int = 0
-
-    def validate(self, path: str) -> None:
-        if len(self.speed) != 2 or not 0.5 <= self.speed[0] <= self.speed[1] <= 2.0:
-            raise ValueError(
-                f"{path}.speed must be [lo, hi] with 0.5 <= lo <= hi <= 2, got {list(self.speed)}"
-            )
-        for name in ("gain_db", "freq_masks", "freq_mask_width", "time_masks", "time_mask_width"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
-
-
-@dataclass(kw_only=True)
 class DataConfig:
     """Where samples come from and how the loader runs; tensor sizes come from the model config.
 
@@ -295,10 +273,14 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     shards_per_round: int = 4
-    audio_augment: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
+    # training-time audio augmentation, off by default: see data_pipelines.AudioAugment
+    audio_augment: AudioAugment = field(default_factory=AudioAugment)
 
     def validate(self, path: str = "data") -> None:
-        self.audio_augment.validate(f"{path}.audio_augment")
+        try:  # its own checks, again: an override sets fields one by one
+            AudioAugment(**dataclasses.asdict(self.audio_augment))
+        except ValueError as e:
+            raise ValueError(f"{path}.audio_augment: {e}") from None
         if bool(self.train_shards) == bool(self.sources):
             raise ValueError(
                 f"{path}: name the training data in exactly one of {path}.train_shards (a dir, glob or brace "

@@ -20,7 +20,7 @@ from data_pipelines import (
     build_loader,
     check_layout,
 )
-from mmssl.config import AudioAugmentConfig, RunConfig
+from mmssl.config import RunConfig
 from mmssl.tokenizer import ClipTokenizer
 
 
@@ -45,7 +45,7 @@ def stream_config(
             n_fft=a.n_fft,
             hop_length=a.hop_length,
             n_mels=a.n_mels,
-            augment=AudioAugment(**dataclasses.asdict(augment)) if augment != AudioAugmentConfig() else None,
+            augment=augment if augment != AudioAugment() else None,  # off: no random draws at all
         )
     if shards or not train:
         where = {"shards": shards or d.eval_shards, "layout": d.layout if train else d.eval_layout}
