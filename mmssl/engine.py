@@ -125,6 +125,21 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+_BUCKETS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
+
+
+def cap_buckets(ds: dict[str, Any], task: nn.Module) -> dict[str, Any]:
+    """ZeRO's communication buckets hold at most the whole model: a bucket sized for more (ZeRO-3
+    allocates its reduce bucket in full) only costs memory. Numeric sizes are capped at the number of
+    parameters; the resolved ds_config.json in the run directory shows what was used."""
+    total = sum(p.numel() for p in task.parameters())
+    zero = ds.get("zero_optimization", {})
+    for key in _BUCKETS:
+        if isinstance(zero.get(key), int | float) and zero[key] > total:
+            zero[key] = total
+    return ds
+
+
 def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings' scalars and temperatures (ndim < 2)."""
     decay, no_decay = [], []
@@ -175,7 +190,7 @@ class Engine:
 
     def __init__(self, task: nn.Module, cfg: RunConfig, info: DistInfo):
         self.info = info
-        self.ds_config = resolve_ds_config(cfg, info.world_size)
+        self.ds_config = cap_buckets(resolve_ds_config(cfg, info.world_size), task)
         if cfg.engine.compile:
             compile_trunks(task)
         optimizer = build_optimizer(task, cfg)

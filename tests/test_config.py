@@ -72,3 +72,13 @@ def test_unknown_preset_and_unknown_json_field():
         get_preset("huge")
     with pytest.raises(ValueError, match="optim.colour"):
         from_dict(RunConfig, {"optim": {"colour": 1}})
+
+
+def test_zero_buckets_are_capped_at_the_model_size():
+    from torch import nn
+
+    from mmssl.engine import cap_buckets
+
+    model = nn.Linear(10, 10)  # 110 parameters
+    ds = cap_buckets({"zero_optimization": {"reduce_bucket_size": 5e7, "allgather_bucket_size": 50}}, model)
+    assert ds["zero_optimization"] == {"reduce_bucket_size": 110, "allgather_bucket_size": 50}
