@@ -27,12 +27,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from open_clip.tokenizer import SimpleTokenizer
 from tqdm import tqdm
 
 from data_pipelines import AudioSpec, ImageSpec, StreamConfig, build_loader, build_spoken_digits, iter_samples
+from mmssl import engine
 from mmssl.presets import get_preset
 from mmssl.task import Task
+from mmssl.tokenizer import ClipTokenizer
 
 TARGET = 5.0
 
@@ -76,7 +77,7 @@ def raw_rate(shards: str, min_samples: int, bar: tqdm) -> float:
 
 
 def pipeline_rate(
-    cfg: Any, shards: str, tokenizer: SimpleTokenizer, num_workers: int, batches: int, bar: tqdm
+    cfg: Any, shards: str, tokenizer: ClipTokenizer, num_workers: int, batches: int, bar: tqdm
 ) -> tuple[float, dict[str, Any]]:
     """Samples/s after the first batch (which pays for starting the workers and filling their queues)."""
     loader = iter(build_loader(stream_config(cfg, shards, num_workers), tokenizer=tokenizer))
@@ -93,7 +94,7 @@ def demand_rate(cfg: Any, batch: dict[str, Any], steps: int, bar: tqdm) -> tuple
     """Samples/s of the preset's training step on a real batch; also returns the parameter count (M)."""
     torch.manual_seed(0)
     task = Task(cfg)
-    optimizer = torch.optim.AdamW(task.parameters(), lr=cfg.optim.lr)
+    optimizer = engine.build_optimizer(task, cfg)  # mmssl's AdamW (fused on CPU)
     batch = {k: v for k, v in batch.items() if not k.startswith("__") or k == "__key__"}
 
     def step() -> None:
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = get_preset(args.preset)
-    tokenizer = SimpleTokenizer(context_length=cfg.model.text.context_length)
+    tokenizer = ClipTokenizer(context_length=cfg.model.text.context_length)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         shards = args.shards
         if shards is None:
