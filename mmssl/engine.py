@@ -131,8 +131,9 @@ _BUCKETS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_buck
 def cap_buckets(ds: dict[str, Any], task: nn.Module) -> dict[str, Any]:
     """ZeRO's communication buckets hold at most the whole model: a bucket sized for more (ZeRO-3
     allocates its reduce bucket in full) only costs memory. Numeric sizes are capped at the number of
-    parameters; the resolved ds_config.json in the run directory shows what was used."""
+    parameters, rounded up to a multiple of 1024; the run directory's ds_config.json shows the result."""
     total = sum(p.numel() for p in task.parameters())
+    total = -(-total // 1024) * 1024  # ZeRO wants bucket sizes aligned (a multiple of its alignment)
     zero = ds.get("zero_optimization", {})
     for key in _BUCKETS:
         if isinstance(zero.get(key), int | float) and zero[key] > total:

@@ -79,6 +79,6 @@ def test_zero_buckets_are_capped_at_the_model_size():
 
     from mmssl.engine import cap_buckets
 
-    model = nn.Linear(10, 10)  # 110 parameters
+    model = nn.Linear(100, 20)  # 2020 parameters
     ds = cap_buckets({"zero_optimization": {"reduce_bucket_size": 5e7, "allgather_bucket_size": 50}}, model)
-    assert ds["zero_optimization"] == {"reduce_bucket_size": 110, "allgather_bucket_size": 50}
+    assert ds["zero_optimization"] == {"reduce_bucket_size": 2048, "allgather_bucket_size": 50}
