@@ -4,7 +4,7 @@ This package never imports mmssl: mmssl hands it specs (ImageSpec, AudioSpec) an
 """
 
 from data_pipelines.bad_data import BAD_KINDS, BadDataTally, BadSample
-from data_pipelines.collate import MODALITIES, collate
+from data_pipelines.collate import MODALITIES, collate, trim_padding
 from data_pipelines.config import SourceConfig, StreamConfig
 from data_pipelines.decode import check_layout, decode_sample, templates
 from data_pipelines.demo import build_spoken_digits
@@ -50,6 +50,7 @@ __all__ = [
     "check_layout",
     "clap_samples",
     "collate",
+    "trim_padding",
     "combine_states",
     "count_samples",
     "crop_or_pad",

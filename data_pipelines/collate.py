@@ -9,7 +9,7 @@ Batch format (B samples):
     __key__   list[str]
     label     LongTensor [B]              (-1 where a sample has no label)
     image     FloatTensor [B, 3, H, W]    )
-    text      LongTensor [B, L]           ) only the configured modalities
+    text      LongTensor [B, L]           ) only the configured modalities (L may be trimmed)
     audio     FloatTensor [B, M, F]       )
     present   {modality: BoolTensor [B]}
 """
@@ -23,12 +23,17 @@ MODALITIES = ("image", "text", "audio")
 
 
 def collate(
-    samples: Sequence[Mapping[str, Any]], *, templates: Mapping[str, torch.Tensor] | None = None
+    samples: Sequence[Mapping[str, Any]],
+    *,
+    templates: Mapping[str, torch.Tensor] | None = None,
+    trim_text: int | None = None,
 ) -> dict[str, Any]:
     """Decoded samples -> batch dict (format in the module docstring).
 
     `templates` gives, per modality, a tensor of the per-sample shape and dtype; it is only needed when
     every sample of a batch lacks that modality (otherwise the first present sample sets the shape).
+    With `trim_text` (a minimum length), text is cut after the batch's last non-padding token: `L`
+    becomes the longest caption's length, but not less than `trim_text` (see `trim_padding`).
     """
     if not samples:
         raise ValueError("collate got an empty list of samples")
@@ -56,5 +61,16 @@ def collate(
                 )
         zero = torch.zeros_like(template)
         batch[modality] = torch.stack([zero if r is None else r for r in rows])  # [B, ...]
+        if modality == "text" and trim_text is not None:
+            batch["text"] = trim_padding(batch["text"], trim_text)  # [B, L'] with L' <= L
         batch["present"][modality] = torch.tensor([r is not None for r in rows], dtype=torch.bool)  # [B]
     return batch
+
+
+def trim_padding(tokens: torch.Tensor, min_length: int = 1) -> torch.Tensor:
+    """``[B, L] -> [B, L']``: drop the trailing columns that are padding (id 0) in every row, keeping at
+    least ``min_length``. A text tower that masks padding keys, or attends causally and pools at the
+    end token (the last non-padding token), gives every kept position the same output as before."""
+    used = torch.nonzero(tokens.any(dim=0))
+    length = int(used[-1]) + 1 if len(used) else 0
+    return tokens[:, : max(length, min(min_length, tokens.shape[1]))]

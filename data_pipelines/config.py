@@ -61,6 +61,8 @@ class StreamConfig:
     audio: AudioSpec | None = None
     text: bool = True
     pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies
+    # cut text batches after their longest caption, but not below this many tokens (None: keep L)
+    trim_text: int | None = None
     max_bad_in_a_row: int = 1000  # a worker stops with an error after this many bad samples in a row
 
     def __post_init__(self) -> None:

@@ -204,7 +204,7 @@ class _Dataset(torch.utils.data.IterableDataset):
             samples.append(sample)
             if len(samples) == cfg.batch_size:
                 batches += 1
-                batch = collate(samples, templates=self.templates)
+                batch = collate(samples, templates=self.templates, trim_text=self.cfg.trim_text)
                 batch["__position__"] = {
                     "generation": generation,
                     "stream": stream,
@@ -227,10 +227,13 @@ class _Dataset(torch.utils.data.IterableDataset):
                     continue
                 samples.append(sample)
                 if len(samples) == self.cfg.batch_size:
-                    yield {**collate(samples, templates=self.templates), **log.take()}
+                    yield {
+                        **collate(samples, templates=self.templates, trim_text=self.cfg.trim_text),
+                        **log.take(),
+                    }
                     samples = []
         if samples:
-            yield {**collate(samples, templates=self.templates), **log.take()}
+            yield {**collate(samples, templates=self.templates, trim_text=self.cfg.trim_text), **log.take()}
         if log.counts:  # found after the last sample: StreamLoader takes these and yields nothing
             yield {"__carrier__": True, **log.take()}
 

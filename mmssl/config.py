@@ -273,6 +273,9 @@ class DataConfig:
     num_workers: int = 1
     shuffle_buffer: int = 1000
     shards_per_round: int = 4
+    # cut each text batch after its longest caption: exact (padding is masked, or after the pooled
+    # end token of a causal tower) and much less text compute for captions shorter than the context
+    trim_text: bool = True
     # training-time audio augmentation, off by default: see data_pipelines.AudioAugment
     audio_augment: AudioAugment = field(default_factory=AudioAugment)
 

@@ -21,6 +21,7 @@ from data_pipelines import (
     check_layout,
 )
 from mmssl.config import RunConfig
+from mmssl.objectives.masked_text import selection_slots
 from mmssl.tokenizer import ClipTokenizer
 
 
@@ -65,7 +66,14 @@ def stream_config(
         audio=audio,
         text=m.text is not None,
         pin_memory=torch.cuda.is_available(),
+        trim_text=min_text_tokens(cfg) if d.trim_text and m.text is not None else None,
     )
+
+
+def min_text_tokens(cfg: RunConfig) -> int:
+    """The shortest a trimmed text batch may be: start and end tokens, and room for every MLM slot."""
+    o = cfg.objectives.masked_text
+    return 2 + (selection_slots(cfg.model.text.context_length, o.select_prob) if o.enabled else 0)
 
 
 def check_shards(cfg: RunConfig) -> None:

@@ -46,8 +46,11 @@ def tower_tokens(cfg: RunConfig) -> dict[str, int]:
     return out
 
 
-def forward_flops_per_sample(cfg: RunConfig, global_batch: int) -> dict[str, float]:
-    """Forward FLOPs per sample by part (each tower's passes with its objective, and the losses)."""
+def forward_flops_per_sample(
+    cfg: RunConfig, global_batch: int, text_tokens: int | None = None
+) -> dict[str, float]:
+    """Forward FLOPs per sample by part (each tower's passes with its objective, and the losses).
+    ``text_tokens``: the text batch's length when trimmed below the context (``data.trim_text``)."""
     m, o = cfg.model, cfg.objectives
     e = m.embed_dim
     parts: dict[str, float] = {}
@@ -75,7 +78,8 @@ def forward_flops_per_sample(cfg: RunConfig, global_batch: int) -> dict[str, flo
             parts[name] = encoder(patches)
     if m.text is not None:
         t = m.text
-        encoder = transformer_flops(t.context_length, t.width, t.depth, t.mlp_ratio) + 2 * t.width * e
+        encoder = transformer_flops(text_tokens or t.context_length, t.width, t.depth, t.mlp_ratio)
+        encoder += 2 * t.width * e
         parts["text"] = encoder
         if o.masked_text.enabled:
             slots = selection_slots(t.context_length, o.masked_text.select_prob)  # the head's positions
@@ -86,9 +90,9 @@ def forward_flops_per_sample(cfg: RunConfig, global_batch: int) -> dict[str, flo
     return parts
 
 
-def train_flops_per_sample(cfg: RunConfig, global_batch: int) -> float:
+def train_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int | None = None) -> float:
     """Forward + backward FLOPs per training sample."""
-    parts = forward_flops_per_sample(cfg, global_batch)
+    parts = forward_flops_per_sample(cfg, global_batch, text_tokens)
     return sum((2.0 if name.endswith("_patch_embed") else 3.0) * v for name, v in parts.items())
 
 

@@ -7,10 +7,13 @@ FLOPs per sample x samples/s per rank / the device's peak; see ``mmssl/flops.py`
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -19,9 +22,33 @@ from tqdm import tqdm
 class Throughput:
     samples_per_step: int  # global
     world_size: int
-    flops_per_sample: float  # forward + backward
+    flops_per_sample: float  # forward + backward, at the full text context
     peak_flops: float | None  # one rank's device
-    tokens_per_sample: dict[str, int]
+
+
+class Work:
+    """FLOPs and tokens this rank has put through its towers since the last log row. Counted per batch
+    from tensor shapes (a text batch may be trimmed below the context), so counting never waits on the
+    device."""
+
+    def __init__(self, flops_per_sample: Callable[[int | None], float], tokens_per_sample: dict[str, int]):
+        self._flops = functools.cache(flops_per_sample)  # by text length
+        self._tokens = tokens_per_sample
+        self.take()
+
+    def add(self, batch: dict[str, Any]) -> None:
+        rows = len(batch["__key__"])
+        text = batch["text"].shape[1] if "text" in batch else None
+        self.flops += rows * self._flops(text)
+        for m, n in self._tokens.items():
+            self.tokens[m] += rows * (text if m == "text" and text is not None else n)
+
+    def take(self) -> dict[str, float]:
+        """``{"flops_done", "tokens_done_<modality>"}`` so far, and start counting afresh."""
+        done = {"flops_done": getattr(self, "flops", 0.0)}
+        done.update({f"tokens_done_{m}": float(n) for m, n in getattr(self, "tokens", {}).items()})
+        self.flops, self.tokens = 0.0, {m: 0 for m in self._tokens}
+        return done
 
 
 class RunLog:
@@ -53,27 +80,33 @@ class RunLog:
     def advance(self) -> None:
         self._bar.update(1)
 
-    def rates(self, steps: int, seconds: float, data_wait_seconds: float) -> dict[str, float]:
+    def rates(
+        self, steps: int, seconds: float, data_wait_seconds: float, done: dict[str, float]
+    ) -> dict[str, float]:
+        """``done``: rank-averaged ``Work.take()`` over the same window."""
         t = self.throughput
         samples_per_s = t.samples_per_step * steps / seconds
         per_rank = samples_per_s / t.world_size
         out = {"samples_per_s": samples_per_s, "samples_per_s_per_rank": per_rank}
-        out.update({f"tokens_per_s_{m}": samples_per_s * n for m, n in t.tokens_per_sample.items()})
+        for name, tokens in done.items():
+            if name.startswith("tokens_done_"):
+                out[f"tokens_per_s_{name.removeprefix('tokens_done_')}"] = tokens * t.world_size / seconds
         out["data_wait"] = min(1.0, data_wait_seconds / seconds)
-        if t.peak_flops:
-            out["mfu"] = t.flops_per_sample * per_rank / t.peak_flops
+        if t.peak_flops and "flops_done" in done:
+            out["mfu"] = done["flops_done"] / seconds / t.peak_flops
         return out
 
     def log(self, step: int, scalars: dict[str, float]) -> dict:
-        """``scalars`` are rank-averaged; a ``data_wait_seconds`` among them is each rank's time blocked
-        on the loader since the previous log."""
+        """``scalars`` are rank-averaged; among them ``data_wait_seconds`` (each rank's time blocked on the
+        loader) and ``Work.take()``'s counts, since the previous log."""
         now = time.perf_counter()
         t0, s0 = self._last
         self._last = (now, step)
         wait = scalars.pop("data_wait_seconds", 0.0)
+        done = {k: scalars.pop(k) for k in list(scalars) if k == "flops_done" or k.startswith("tokens_done_")}
         row = {"step": step, **scalars}
         if step > s0:
-            row.update(self.rates(step - s0, now - t0, wait))
+            row.update(self.rates(step - s0, now - t0, wait, done))
         self.rows.append(row)
         if self.enabled:
             for name, value in row.items():

@@ -17,7 +17,7 @@ from data_pipelines import BAD_KINDS, combine_states
 from mmssl import data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
 from mmssl.model import MultimodalModel
-from mmssl.runlog import RunLog, Throughput
+from mmssl.runlog import RunLog, Throughput, Work
 from mmssl.task import Task
 
 
@@ -107,13 +107,14 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         step, data_state = int(state["step"]), state.get("data")
     samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
     peak, peak_source = flops.device_peak(info.device)
+    global_batch = cfg.optim.micro_batch_size * info.world_size
     throughput = Throughput(
         samples_per_step=samples_per_step,
         world_size=info.world_size,
-        flops_per_sample=flops.train_flops_per_sample(cfg, cfg.optim.micro_batch_size * info.world_size),
+        flops_per_sample=flops.train_flops_per_sample(cfg, global_batch),
         peak_flops=peak,
-        tokens_per_sample=flops.tower_tokens(cfg),
     )
+    work = Work(lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg))
     log = RunLog(
         run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step, throughput=throughput
     )
@@ -151,6 +152,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
                 )
             continue
         bad_in_a_row = 0
+        work.add(batch)
         micro = (micro + 1) % cfg.optim.grad_accum_steps
         if not out.pop("stepped"):
             continue  # inside a gradient-accumulation window
@@ -159,7 +161,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             # the only host sync of the loop: averaging the logged scalars over ranks
             scalars = {k: v for k, v in out.items() if v.numel() == 1}
-            scalars["data_wait_seconds"] = torch.tensor(data_wait, device=out["loss"].device)
+            device = out["loss"].device
+            scalars["data_wait_seconds"] = torch.tensor(data_wait, device=device)
+            scalars.update({k: torch.tensor(v, device=device) for k, v in work.take().items()})
             bad = {f"bad_{k}": v for k, v in bad_data_totals(loader).items()}
             last = log.log(
                 step, {**engine.all_reduce_mean(scalars), "lr": eng.lr, "skipped_steps": skipped, **bad}

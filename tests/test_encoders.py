@@ -124,3 +124,20 @@ def test_patch_embedding_equals_the_patch_convolution(modality):
     (grad,) = torch.autograd.grad((ours**2).sum(), tower.conv1.weight)
     (expected,) = torch.autograd.grad((reference**2).sum(), tower.conv1.weight)
     assert torch.allclose(grad, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_text_trimmed_after_the_longest_caption_gives_the_same_embeddings(causal):
+    """data.trim_text cuts a batch after its last non-padding token: the tower's output is unchanged."""
+    from data_pipelines import trim_padding
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(TINY.text, causal=causal)
+    tower = build_encoder(cfg, TINY.embed_dim).eval()
+    text = random_input("text", cfg, 3)  # end token at 6, padding after
+    text[1, 4], text[1, 5:] = 49407, 0  # a shorter caption
+    trimmed = trim_padding(text, min_length=2)
+    assert trimmed.shape == (3, 7) and torch.equal(trimmed, text[:, :7])
+    assert torch.allclose(tower(trimmed), tower(text), atol=1e-5)
+    assert torch.allclose(tower.forward_features(trimmed), tower.forward_features(text)[:, :7], atol=1e-5)
+    assert trim_padding(torch.zeros(2, 16, dtype=torch.long), min_length=5).shape == (2, 5)

@@ -34,6 +34,14 @@ def test_two_rank_train_checkpoint_resume_eval(demo_shards, tmp_path):
     assert sum(losses[-2:]) / 2 < losses[0] - 0.1, losses
     for pair in ("image_text", "image_audio", "text_audio"):
         assert f"contrastive_{pair}_loss" in rows[-1]
+    # throughput in every row: global and per-rank rates, tokens per modality, data wait, MFU
+    for row in rows:
+        assert row["samples_per_s"] == pytest.approx(2 * row["samples_per_s_per_rank"])
+        assert 0 <= row["data_wait"] <= 1 and 0 < row["mfu"] < 1
+        assert row["tokens_per_s_image"] == pytest.approx(16 * row["samples_per_s"])  # 4x4 patches
+        # captions are trimmed after the longest in each batch: fewer text tokens than 16 per sample
+        assert 2 * row["samples_per_s"] < row["tokens_per_s_text"] < 16 * row["samples_per_s"]
+    assert "MFU" in first.stdout and "samples/s" in first.stdout
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000040"
     assert (run_dir / "checkpoints" / "step_00000020").is_dir()
     assert (

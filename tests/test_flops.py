@@ -50,3 +50,23 @@ def test_peaks(tmp_path):
     first = cpu_peak(1, cache=cache, size=256, seconds=0.05)
     assert first > 1e8 and cache.is_file()
     assert cpu_peak(1, cache=cache, size=256, seconds=0.05) == first  # cached, not re-measured
+
+
+def test_work_counts_trimmed_text_batches_at_their_real_size():
+    from mmssl.runlog import RunLog, Throughput, Work
+
+    cfg = get_preset("tiny")
+    work = Work(lambda text: train_flops_per_sample(cfg, 8, text), {"image": 16, "text": 16})
+    work.add({"__key__": ["a"] * 8, "text": torch.zeros(8, 16)})
+    work.add({"__key__": ["b"] * 8, "text": torch.zeros(8, 6)})  # a trimmed batch
+    done = work.take()
+    full, short = train_flops_per_sample(cfg, 8, 16), train_flops_per_sample(cfg, 8, 6)
+    assert short < full and done["flops_done"] == pytest.approx(8 * (full + short))
+    assert done == {"flops_done": done["flops_done"], "tokens_done_image": 256.0, "tokens_done_text": 176.0}
+    assert work.take()["flops_done"] == 0  # counting starts afresh after each log row
+    log = RunLog.__new__(RunLog)
+    log.throughput = Throughput(samples_per_step=16, world_size=2, flops_per_sample=full, peak_flops=1e9)
+    rates = log.rates(steps=1, seconds=2.0, data_wait_seconds=0.5, done=done)
+    assert rates["samples_per_s"] == 8 and rates["samples_per_s_per_rank"] == 4 and rates["data_wait"] == 0.25
+    assert rates["mfu"] == pytest.approx(done["flops_done"] / 2.0 / 1e9)
+    assert rates["tokens_per_s_text"] == pytest.approx(176 * 2 / 2.0)

@@ -48,10 +48,12 @@ class TextTower(nn.Module):
         return rearrange(mask.masked_fill_(pad, float("-inf")), "b k -> b 1 1 k")
 
     def forward_features(self, text: Tensor) -> Tensor:
-        """Token ids ``[B, L]`` -> token features ``[B, L, D]``."""
-        assert text.shape[1] == self.cfg.context_length, f"text of shape {tuple(text.shape)}"
+        """Token ids ``[B, L]`` -> token features ``[B, L, D]``. ``L`` may be less than the context length
+        (a batch trimmed after its longest caption): positions are the first ``L``."""
+        length = text.shape[1]
+        assert length <= self.cfg.context_length, f"text of shape {tuple(text.shape)}"
         x = self.token_embedding(text)  # [B, L, D]
-        x = self.transformer(x + self.positional_embedding, attn_mask=self._mask(text))
+        x = self.transformer(x + self.positional_embedding[:length], attn_mask=self._mask(text))
         return self.ln_final(x)
 
     def forward_head(self, features: Tensor, text: Tensor) -> Tensor:

@@ -53,6 +53,9 @@ class MaskedTextObjective(nn.Module):
         def rand(*shape: int) -> Tensor:
             return torch.rand(*shape, generator=generator, device=generator.device).to(text.device)
 
+        assert text.shape[1] >= self.slots, (
+            f"text of {text.shape[1]} tokens has fewer than {self.slots} slots"
+        )
         ordinary = (text != PAD_ID) & (text != SOT_TOKEN_ID) & (text != EOT_TOKEN_ID)  # [B, L]
         count = torch.floor(self.cfg.select_prob * ordinary.sum(dim=1) + rand(text.shape[0]))  # [B]
         scores = rand(*text.shape).masked_fill_(~ordinary, 2.0)  # ordinary tokens (< 1) come first
