@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
@@ -136,8 +137,15 @@ def embed_all(
         labels=torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long),
         keys=keys,
         present={m: torch.cat(p) if p else torch.zeros(0, dtype=torch.bool) for m, p in present.items()},
-        text=torch.cat(texts) if texts else None,
+        text=cat_tokens(texts) if texts else None,
     )
+
+
+def cat_tokens(parts: list[Tensor]) -> Tensor:
+    """Token batches trimmed to different lengths (data.trim_text), right-padded with the pad id 0
+    to the longest and stacked: [sum B, max L]."""
+    width = max(p.shape[1] for p in parts)
+    return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
 
 
 def _to(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -157,7 +165,7 @@ def gather(part: Embeddings, world_size: int) -> Embeddings:
         labels=torch.cat([p.labels for p in parts]),
         keys=[k for p in parts for k in p.keys],
         present={m: torch.cat([p.present[m] for p in parts]) for m in part.present},
-        text=None if any(t is None for t in text) else torch.cat(text),
+        text=None if any(t is None for t in text) else cat_tokens(text),
     )
     return whole.sorted_by_key()
 
