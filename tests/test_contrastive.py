@@ -72,7 +72,7 @@ def test_all_present_equals_open_clip_and_absent_rows_drop_out():
     present["audio"][:] = False
     terms = objective(feats, present)
     keep = present["text"]
-    subset = reference_loss(feats["image"][keep], feats["text"][keep], float(scale))
+    subset = reference_loss(feats["image"][keep], feats["text"][keep], float(scale.detach()))
     assert torch.allclose(terms["contrastive_image_text_loss"], subset, atol=1e-6)
     assert terms["contrastive_image_audio_loss"] == 0  # no row has both: zero, not NaN
 
