@@ -16,7 +16,8 @@ settings on this machine: one process (its multi-process CPU path hands a CPU de
 DistributedDataParallel and fails), ``--precision fp32`` (its default ``amp`` autocasts to bf16, ~100x
 slower on a CPU without bf16 hardware), and the loader workers (0, 1 or 2) and ``--torchcompile`` (on
 or off) that were fastest in short tries at the start of the run (``--baseline-workers`` and
-``--baseline-compile`` fix them instead).
+``--baseline-compile`` fix them instead). mmssl gets the same treatment for its ``engine.compile``
+(``--mmssl-compile``).
 
     .venv/bin/python benchmarks/bench_vs_open_clip.py                  # both models, 3 repeats (~30 min)
     .venv/bin/python benchmarks/bench_vs_open_clip.py --models reference --repeats 1 --warmup 10 \
@@ -146,7 +147,7 @@ class Window:
 class Run:
     trainer: str
     model: str
-    setting: str  # the baseline's loader workers and compile flag, or mmssl's workers
+    setting: str  # loader workers and compile flag (the baseline's or mmssl's)
     repeat: int | str
     samples_per_s: float  # from the trainer's own log, measured steps only
     measured_steps: int
@@ -161,7 +162,7 @@ class Run:
 
 @dataclass(frozen=True)
 class Setting:
-    """A configuration of the baseline's speed knobs."""
+    """A configuration of a trainer's speed knobs: loader workers, torch.compile."""
 
     workers: int
     compile: bool = False
@@ -345,13 +346,16 @@ def open_clip_command(
     ]  # fmt: skip
 
 
-def mmssl_command(a: Arch, args: argparse.Namespace, steps: int, run_dir: Path) -> list[str]:
+def mmssl_command(
+    a: Arch, args: argparse.Namespace, steps: int, run_dir: Path, compile_trunks: bool
+) -> list[str]:
     return [
         str(Path(sys.executable).parent / "mmssl"), "train", "--preset", "tiny", "--nproc", "1",
         "--run-dir", str(run_dir), *a.mmssl_overrides(),
         f"data.train_shards={args.shards / 'train'}", f"data.num_workers={args.mmssl_workers}",
         f"optim.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.log_every={args.log_every}",
-        f"train.ckpt_every={steps}", "train.eval_at_end=false", *shlex.split(args.mmssl_args),
+        f"train.ckpt_every={steps}", "train.eval_at_end=false", f"engine.compile={str(compile_trunks).lower()}",
+        *shlex.split(args.mmssl_args),
     ]  # fmt: skip
 
 
@@ -430,13 +434,14 @@ def run_open_clip(
 
 
 def run_mmssl(
-    model: str, a: Arch, args: argparse.Namespace, repeat: int | str, out: Path, measured: int
-) -> Run:
+    model: str, a: Arch, args: argparse.Namespace, setting: Setting, repeat: int | str, out: Path,
+    measured: int,
+) -> Run:  # fmt: skip
     steps = args.warmup + measured
-    name = f"{model}-mmssl-{repeat}-w{args.mmssl_workers}"
+    name = f"{model}-mmssl-{repeat}-{setting.label}"
     run_dir = out / "mmssl" / name
-    command = mmssl_command(a, args, steps, run_dir)
-    return measure("mmssl", model, f"w{args.mmssl_workers}", repeat, command, args, out / f"{name}.log",
+    command = mmssl_command(a, args, steps, run_dir, setting.compile)
+    return measure("mmssl", model, setting.label, repeat, command, args, out / f"{name}.log",
                    run_dir / "metrics.jsonl", mmssl_windows, args.warmup, steps)  # fmt: skip
 
 
@@ -517,6 +522,9 @@ def print_report(results: dict[str, Any]) -> None:
         if r.get("sweep"):
             sweep = ", ".join(f"{label} {rate:.0f}" for label, rate in r["sweep"].items())
             print(f"  open_clip_train settings tried (samples/s): {sweep} -> {r['open_clip_setting']}")
+        if r.get("mmssl_sweep"):
+            sweep = ", ".join(f"{label} {rate:.0f}" for label, rate in r["mmssl_sweep"].items())
+            print(f"  mmssl settings tried (samples/s): {sweep} -> {r['mmssl_setting']}")
         print(
             f"  {'repeat':<7}{'open_clip/s':>12}{'data':>6}{'/CPU-s':>8}{'mmssl/s':>10}{'data':>6}{'/CPU-s':>8}"
             f"{'ratio':>8}{'CPU ratio':>11}{'load':>6}"
@@ -579,6 +587,10 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--mmssl-workers", type=int, default=1, help="data.num_workers (the presets' default: 1)")
     p.add_argument(
+        "--mmssl-compile", choices=("auto", "on", "off"), default="auto",
+        help="engine.compile (torch.compile of the trunks); 'auto': try both, keep the faster, as for the baseline",
+    )  # fmt: skip
+    p.add_argument(
         "--mmssl-args", default="engine.zero_stage=0",
         help="more mmssl config overrides; default: ZeRO stage 0, as ZeRO has nothing to partition on one rank",
     )  # fmt: skip
@@ -628,11 +640,25 @@ def best_setting(
     return best, {s.label: rate for s, rate in tried.items()}
 
 
+def best_mmssl_setting(
+    model: str, a: Arch, args: argparse.Namespace, out: Path, record
+) -> tuple[Setting, dict[str, float]]:
+    """mmssl's faster setting, by the same rule as the baseline's: engine.compile off or on."""
+    if args.mmssl_compile != "auto":
+        return Setting(args.mmssl_workers, args.mmssl_compile == "on"), {}
+    tried = {
+        s: record(run_mmssl(model, a, args, s, "sweep", out, args.sweep_steps)).samples_per_s
+        for s in (Setting(args.mmssl_workers, False), Setting(args.mmssl_workers, True))
+    }
+    return max(tried, key=tried.get), {s.label: rate for s, rate in tried.items()}
+
+
 def sweep_runs(args: argparse.Namespace) -> int:
-    """How many runs best_setting makes per model."""
+    """How many runs best_setting and best_mmssl_setting make per model."""
+    mmssl = 2 if args.mmssl_compile == "auto" else 0
     if args.baseline_workers == "auto":
-        return 3 + (args.baseline_compile == "auto")
-    return 2 if args.baseline_compile == "auto" else 0
+        return 3 + (args.baseline_compile == "auto") + mmssl
+    return (2 if args.baseline_compile == "auto" else 0) + mmssl
 
 
 def main() -> None:
@@ -688,16 +714,20 @@ def main() -> None:
         bar.set_description(f"{name}: baseline settings")
         setting, r["sweep"] = best_setting(python, name, a_dir, args, out, record)
         r["open_clip_setting"] = setting.label
+        bar.set_description(f"{name}: mmssl settings")
+        mine, r["mmssl_sweep"] = best_mmssl_setting(name, a, args, out, record)
+        r["mmssl_setting"] = mine.label
         for k in range(args.repeats):
             bar.set_description(f"{name}: repeat {k + 1}/{args.repeats}")
             record(run_open_clip(python, name, a_dir, args, setting, k, out, args.steps))
-            record(run_mmssl(name, a, args, k, out, args.steps))
+            record(run_mmssl(name, a, args, mine, k, out, args.steps))
         r["summary"] = summarise([x for x in runs if x.model == name])
     bar.close()
 
     info["load_avg_at_end"] = os.getloadavg()
     versions = json.loads((python.parent.parent / "mmssl-bench.json").read_text())["versions"]
     chosen = ", ".join(f"{name} {r['open_clip_setting']}" for name, r in per_model.items())
+    mine = ", ".join(f"{name} {r['mmssl_setting']}" for name, r in per_model.items())
     results = {
         "machine": info,
         "target": TARGET,
@@ -717,7 +747,8 @@ def main() -> None:
             "mmssl": (
                 "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
                 f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
-                f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}".rstrip()
+                f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
+                f"workers / engine.compile as chosen: {mine}"
             ),
             "open_clip_versions": versions,
         },
