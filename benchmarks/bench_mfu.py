@@ -4,7 +4,8 @@ full trimodal + masked-objective step.
 Each configuration is one ``mmssl train`` run on the spoken-digits demo (DeepSpeed, ``--nproc`` CPU
 ranks, one thread each by default); its own log rows after the warm-up give samples/s and MFU: model
 FLOPs per sample (``mmssl/flops.py``, checked against torch's FLOP counter) x samples/s per rank over
-the peak of one rank's threads, measured by a matmul probe. Configurations alternate round by round
+the peak of one rank's threads, measured by a matmul probe at the start of that run (not the cached
+figure: a shared machine's speed drifts; the peak column shows it). Configurations alternate round by round
 and medians are reported. Compared step times: the trimodal + masked step (``small_masked``) against
 plain unmasked CLIP on the same preset, both as trimodal contrastive (``small``) and as image-text
 only (``small``, ``model.audio=null``).
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -47,7 +49,8 @@ def run(name: str, args: argparse.Namespace, out: Path, k: int) -> dict:
         f"train.steps={args.warmup + args.steps}", f"train.log_every={args.log_every}",
         f"train.ckpt_every={10 * (args.warmup + args.steps)}", "train.eval_at_end=false", *overrides,
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    # a fresh peak probe in every run (no cache): MFU is against what the machine gives right now
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MMSSL_CACHE": str(run_dir / "peak")}
     log = out / f"{run_dir.name}.log"
     with open(log, "w") as f:
         proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
@@ -59,7 +62,9 @@ def run(name: str, args: argparse.Namespace, out: Path, k: int) -> dict:
     kept = kept[:-1] if len(kept) > 1 else kept
     summary = json.loads((run_dir / "summary.json").read_text())
     batch = json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"]
+    peak = re.search(r"peak ([\d.]+) GFLOP/s per rank", log.read_text())
     return {
+        "peak_gflops": float(peak.group(1)) if peak else None,
         "samples_per_s": statistics.median(r["samples_per_s"] for r in kept),
         "mfu": statistics.median(r["mfu"] for r in kept),
         "data_wait": statistics.median(r["data_wait"] for r in kept),
@@ -124,6 +129,7 @@ def main() -> None:
           f"medians over {args.rounds} round(s) of {args.steps} steps after {args.warmup} warm-up")  # fmt: skip
     print(
         f"{'configuration':<34}{'MFLOP/sample':>13}{'samples/s':>11}{'ms/step':>9}{'MFU':>7}{'data wait':>11}"
+        f"{'peak GFLOP/s':>14}"
     )
     table = {}
     for name, runs in results.items():
@@ -138,11 +144,12 @@ def main() -> None:
             "ms_per_step": 1000 * batch / sps,
             "mfu": statistics.median(r["mfu"] for r in runs),
             "data_wait": statistics.median(r["data_wait"] for r in runs),
+            "peak_gflops": statistics.median(r["peak_gflops"] or 0.0 for r in runs),
             "runs": runs,
         }
         table[name] = row
         print(f"{name:<34}{row['mflop_per_sample']:>13.1f}{sps:>11.1f}{row['ms_per_step']:>9.0f}"
-              f"{row['mfu']:>7.1%}{row['data_wait']:>11.1%}")  # fmt: skip
+              f"{row['mfu']:>7.1%}{row['data_wait']:>11.1%}{row['peak_gflops']:>14.1f}")  # fmt: skip
     masked = table["small_masked (trimodal + masked)"]["ms_per_step"]
     small_mfu = table["small"]["mfu"]
     print(

@@ -125,7 +125,10 @@ def cpu_peak(threads: int, *, cache: Path | None = None, size: int = 1024, secon
     """fp32 matmul FLOP/s on ``threads`` threads, measured once per machine and cached."""
     cache = cache or Path(os.environ.get("MMSSL_CACHE", Path.home() / ".cache" / "mmssl")) / "cpu_peak.json"
     key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|threads={threads}|n={size}"
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    try:
+        known = json.loads(cache.read_text()) if cache.is_file() else {}
+    except (OSError, ValueError):
+        known = {}  # unreadable: measure again and rewrite it
     if key in known:
         return known[key]
     before = torch.get_num_threads()
@@ -143,7 +146,9 @@ def cpu_peak(threads: int, *, cache: Path | None = None, size: int = 1024, secon
     peak = 2 * size**3 * runs / elapsed
     cache.parent.mkdir(parents=True, exist_ok=True)
     known[key] = peak
-    cache.write_text(json.dumps(known, indent=1))
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # ranks probe at once: write, then rename
+    tmp.write_text(json.dumps(known, indent=1))
+    tmp.replace(cache)
     return peak
 
 

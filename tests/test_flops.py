@@ -1,5 +1,7 @@
 """The analytic FLOP count equals torch's FLOP counter on real forward+backward passes."""
 
+import json
+
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -50,6 +52,9 @@ def test_peaks(tmp_path):
     first = cpu_peak(1, cache=cache, size=256, seconds=0.05)
     assert first > 1e8 and cache.is_file()
     assert cpu_peak(1, cache=cache, size=256, seconds=0.05) == first  # cached, not re-measured
+    cache.write_text('{"half-written')  # a torn file is measured again, not a crash
+    assert cpu_peak(1, cache=cache, size=256, seconds=0.05) > 1e8 and json.loads(cache.read_text())
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_work_counts_trimmed_text_batches_at_their_real_size():
