@@ -5,8 +5,8 @@ Each configuration is one ``mmssl train`` run on the spoken-digits demo (DeepSpe
 ranks, one thread each by default); its own log rows after the warm-up give samples/s and MFU: model
 FLOPs per sample (``mmssl/flops.py``, checked against torch's FLOP counter) x samples/s per rank over
 the peak of one rank's threads, measured by a matmul probe at the start of that run (not the cached
-figure: a shared machine's speed drifts; the peak column shows it). Configurations alternate round by round
-and medians are reported. Compared step times: the trimodal + masked step (``small_masked``) against
+figure: a shared machine's speed drifts; the peak column shows it). Configurations alternate round
+by round and medians are reported. Compared step times: the trimodal + masked step (``small_masked``) against
 plain unmasked CLIP on the same preset, both as trimodal contrastive (``small``) and as image-text
 only (``small``, ``model.audio=null``).
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from data_pipelines import expand_shards
 from mmssl import data, probe, report, zeroshot
 from mmssl.config import EvalConfig, RunConfig
+from mmssl.encoders.text import PAD_ID
 from mmssl.model import MultimodalModel
 
 
@@ -142,10 +143,10 @@ def embed_all(
 
 
 def cat_tokens(parts: list[Tensor]) -> Tensor:
-    """Token batches trimmed to different lengths (data.trim_text), right-padded with the pad id 0
-    to the longest and stacked: [sum B, max L]."""
+    """Token batches trimmed to different lengths (data.trim_text), right-padded with the pad id to
+    the longest and stacked: [sum B, max L]."""
     width = max(p.shape[1] for p in parts)
-    return torch.cat([F.pad(p, (0, width - p.shape[1])) for p in parts])
+    return torch.cat([F.pad(p, (0, width - p.shape[1]), value=PAD_ID) for p in parts])
 
 
 def _to(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -26,6 +26,17 @@ def test_missing_shards_and_empty_glob(capsys, tmp_path):
     assert "*.tar" in err
 
 
+def test_eval_shards_are_checked_only_when_training_evaluates(demo_shards, tmp_path):
+    from mmssl import data
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+
+    shards = [f"data.train_shards={demo_shards}/train", f"data.eval_shards={tmp_path}/missing"]
+    with pytest.raises(ValueError, match="data.eval_shards.*missing"):
+        data.check_shards(apply_overrides(get_preset("tiny"), shards))
+    data.check_shards(apply_overrides(get_preset("tiny"), [*shards, "train.eval_at_end=false"]))
+
+
 def test_invalid_config_values(capsys, demo_shards):
     train = f"data.train_shards={demo_shards}/train"  # data.eval_shards stays at the preset's data/demo/test
     assert "optim.lr" in run(capsys, "train", train, "optim.lr=-1")
