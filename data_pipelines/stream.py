@@ -172,6 +172,9 @@ class _Dataset(torch.utils.data.IterableDataset):
             log.add({"kind": exn.kind, "shard": exn.url, "key": exn.key, "reason": exn.reason})
             return None
 
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate(samples, templates=self.templates, trim_text=self.cfg.trim_text)
+
     def _train(self, stream: int) -> Iterator[dict[str, Any]]:
         cfg, generation = self.cfg, self.start.generation
         base = (cfg.seed, generation, self.rank, stream)
@@ -204,7 +207,7 @@ class _Dataset(torch.utils.data.IterableDataset):
             samples.append(sample)
             if len(samples) == cfg.batch_size:
                 batches += 1
-                batch = collate(samples, templates=self.templates, trim_text=self.cfg.trim_text)
+                batch = self._collate(samples)
                 batch["__position__"] = {
                     "generation": generation,
                     "stream": stream,
@@ -227,13 +230,10 @@ class _Dataset(torch.utils.data.IterableDataset):
                     continue
                 samples.append(sample)
                 if len(samples) == self.cfg.batch_size:
-                    yield {
-                        **collate(samples, templates=self.templates, trim_text=self.cfg.trim_text),
-                        **log.take(),
-                    }
+                    yield {**self._collate(samples), **log.take()}
                     samples = []
         if samples:
-            yield {**collate(samples, templates=self.templates, trim_text=self.cfg.trim_text), **log.take()}
+            yield {**self._collate(samples), **log.take()}
         if log.counts:  # found after the last sample: StreamLoader takes these and yields nothing
             yield {"__carrier__": True, **log.take()}
 

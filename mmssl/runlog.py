@@ -22,7 +22,6 @@ from tqdm import tqdm
 class Throughput:
     samples_per_step: int  # global
     world_size: int
-    flops_per_sample: float  # forward + backward, at the full text context
     peak_flops: float | None  # one rank's device
 
 
@@ -32,21 +31,20 @@ class Work:
     device."""
 
     def __init__(self, flops_per_sample: Callable[[int | None], float], tokens_per_sample: dict[str, int]):
-        self._flops = functools.cache(flops_per_sample)  # by text length
+        self.flops_per_sample = functools.cache(flops_per_sample)  # by text length (None: the context)
         self._tokens = tokens_per_sample
-        self.take()
+        self.flops, self.tokens = 0.0, {m: 0 for m in tokens_per_sample}
 
     def add(self, batch: dict[str, Any]) -> None:
         rows = len(batch["__key__"])
         text = batch["text"].shape[1] if "text" in batch else None
-        self.flops += rows * self._flops(text)
+        self.flops += rows * self.flops_per_sample(text)
         for m, n in self._tokens.items():
             self.tokens[m] += rows * (text if m == "text" and text is not None else n)
 
     def take(self) -> dict[str, float]:
         """``{"flops_done", "tokens_done_<modality>"}`` so far, and start counting afresh."""
-        done = {"flops_done": getattr(self, "flops", 0.0)}
-        done.update({f"tokens_done_{m}": float(n) for m, n in getattr(self, "tokens", {}).items()})
+        done = {"flops_done": self.flops, **{f"tokens_done_{m}": float(n) for m, n in self.tokens.items()}}
         self.flops, self.tokens = 0.0, {m: 0 for m in self._tokens}
         return done
 

@@ -108,12 +108,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
     peak, peak_source = flops.device_peak(info.device)
     global_batch = cfg.optim.micro_batch_size * info.world_size
-    throughput = Throughput(
-        samples_per_step=samples_per_step,
-        world_size=info.world_size,
-        flops_per_sample=flops.train_flops_per_sample(cfg, global_batch),
-        peak_flops=peak,
-    )
+    throughput = Throughput(samples_per_step=samples_per_step, world_size=info.world_size, peak_flops=peak)
     work = Work(lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg))
     log = RunLog(
         run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step, throughput=throughput
@@ -122,7 +117,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         f"training {cfg.preset}: {sum(p.numel() for p in task.parameters()) / 1e6:.2f}M parameters, "
         f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{eng.zero_stage}, "
         f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
-        f"{throughput.flops_per_sample / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
+        f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
     )
     # a resumed loader continues at the next sample this run had not consumed
     loader = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state)

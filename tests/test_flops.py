@@ -70,7 +70,7 @@ def test_work_counts_trimmed_text_batches_at_their_real_size():
     assert done == {"flops_done": done["flops_done"], "tokens_done_image": 256.0, "tokens_done_text": 176.0}
     assert work.take()["flops_done"] == 0  # counting starts afresh after each log row
     log = RunLog.__new__(RunLog)
-    log.throughput = Throughput(samples_per_step=16, world_size=2, flops_per_sample=full, peak_flops=1e9)
+    log.throughput = Throughput(samples_per_step=16, world_size=2, peak_flops=1e9)
     rates = log.rates(steps=1, seconds=2.0, data_wait_seconds=0.5, done=done)
     assert rates["samples_per_s"] == 8 and rates["samples_per_s_per_rank"] == 4 and rates["data_wait"] == 0.25
     assert rates["mfu"] == pytest.approx(done["flops_done"] / 2.0 / 1e9)
