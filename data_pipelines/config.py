@@ -14,7 +14,9 @@ from data_pipelines.specs import AudioSpec, ImageSpec
 class SourceConfig:
     """One set of shards in a mix: `weight` is its share of the training samples (weights need not sum to 1)."""
 
-    shards: str  # brace pattern, glob, directory of *.tar, or a comma-separated list of these
+    # brace pattern, glob, directory of *.tar, remote shards (pipe:, http(s)://, s3:// ...), or a
+    # comma-separated list of these
+    shards: str
     weight: float = 1.0
     layout: str | Layout = "mmssl"
 
@@ -64,12 +66,13 @@ class StreamConfig:
     # cut text batches after their longest caption, but not below this many tokens (None: keep L)
     trim_text: int | None = None
     max_bad_in_a_row: int = 1000  # a worker stops with an error after this many bad samples in a row
+    retries: int = 3  # a remote shard's stream that fails mid-way is retried this often, then counted as bad
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "shards_per_round", "max_bad_in_a_row"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"StreamConfig.{name} must be positive, got {getattr(self, name)}")
-        for name in ("num_workers", "shuffle_buffer", "seed"):
+        for name in ("num_workers", "shuffle_buffer", "seed", "retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"StreamConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.image is None and self.audio is None and not self.text:

@@ -16,6 +16,7 @@ from data_pipelines.bad_data import BadSample
 from data_pipelines.collate import MODALITIES
 from data_pipelines.config import StreamConfig
 from data_pipelines.layouts import JSON_PREFIX, PRESETS, Layout
+from data_pipelines.remote import is_remote, mask
 from data_pipelines.tario import ShardError, expand_shards, scan_shard
 from data_pipelines.transforms import (
     Tokenizer,
@@ -199,7 +200,8 @@ def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]
     """Fail at start-up, with one clear message, when a source's shards or layout match nothing.
 
     Per source: its shard spec must match files (else FileNotFoundError), and among the first
-    `samples` samples of its first readable shard (up to 3 shards are tried) at least one must hold a
+    `samples` samples of its first readable shard (up to 3 local shards are tried; remote shards until
+    one answers, each once) at least one must hold a
     configured modality under the source's layout (else ValueError naming the keys found and a preset
     that would match). Returns, per source, {"shards", "layout", "checked", "samples", "matched"}.
     """
@@ -210,9 +212,9 @@ def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]
         urls = expand_shards(source.shards)
         raws: list[dict[str, Any]] = []
         errors: list[str] = []
-        for url in urls[:3]:
+        for url in urls if any(map(is_remote, urls)) else urls[:3]:
             try:
-                for ref in scan_shard(url):
+                for ref in scan_shard(url, retries=0):
                     raws.append(ref.load())
                     if len(raws) >= samples:
                         break
@@ -220,11 +222,13 @@ def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]
                 errors.append(str(exn))
             if raws:
                 break
-        what = (
-            f"source {i} ({source.shards!r})" if len(cfg.source_list()) > 1 else f"shards {source.shards!r}"
-        )
+        shown = mask(source.shards)
+        what = f"source {i} ({shown!r})" if len(cfg.source_list()) > 1 else f"shards {shown!r}"
         if not raws:
-            raise ValueError(f"{what}: no sample could be read from the first shards: {'; '.join(errors)}")
+            more = f" (and {len(errors) - 3} more shards)" if len(errors) > 3 else ""
+            raise ValueError(
+                f"{what}: no sample could be read from the first shards: {'; '.join(errors[:3])}{more}"
+            )
         matched = {m: sum(m in _matches(r, layout, cfg.modalities()) for r in raws) for m in cfg.modalities()}
         if not any(matched.values()):
             keys = sorted({k for r in raws for k in r if not k.startswith("__")})
@@ -241,7 +245,7 @@ def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]
             )
         report.append(
             {
-                "shards": source.shards,
+                "shards": shown,
                 "layout": layout.name,
                 "checked": raws[0]["__url__"],
                 "samples": len(raws),

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from data_pipelines.remote import is_remote, mask, read_small
 from data_pipelines.tario import TarSink, encode_sample, expand_shards, scan_shard
 
 SIZES_FILE = "sizes.json"
@@ -110,23 +111,37 @@ def iter_samples(shards: str) -> Iterator[dict[str, Any]]:
 
 
 def read_sizes(directory: str) -> dict[str, int]:
-    """The directory's sizes.json ({shard file name: sample count}), or {} when it has none."""
+    """The directory's sizes.json ({shard file name: sample count}), or {} when it has none.
+
+    A remote directory (an http or fsspec URL) is asked for its sizes.json too; a `pipe:` has none."""
     path = os.path.join(directory, SIZES_FILE)
-    if not os.path.isfile(path):
+    if is_remote(directory):
+        text = read_small(f"{directory}/{SIZES_FILE}")
+        if text is None:
+            return {}
+        try:
+            sizes = json.loads(text)
+        except ValueError:
+            sizes = None
+    elif not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        sizes = json.load(f)
+    else:
+        with open(path) as f:
+            sizes = json.load(f)
     if not isinstance(sizes, dict):
-        raise ValueError(f"{path} must map shard file names to sample counts")
+        raise ValueError(f"{mask(path)} must map shard file names to sample counts")
     return sizes
 
 
 def count_samples(shards: str) -> int:
     """Total samples in the shards: from each directory's sizes.json where it lists the shard, else by
     reading the tar headers."""
-    total = 0
+    total, cache = 0, {}
     for url in expand_shards(shards):
-        sizes = read_sizes(os.path.dirname(url) or ".")
+        directory = os.path.dirname(url) or "."
+        if directory not in cache:
+            cache[directory] = read_sizes(directory)
+        sizes = cache[directory]
         name = os.path.basename(url)
         if name in sizes:
             total += int(sizes[name])

@@ -3,14 +3,17 @@
 Training, for rank r and logical stream w (one per loader worker); every random choice is seeded from
 (seed, generation, r, w, purpose, ...), never from the process, the clock or the order of events:
     1. rounds    per source, round k draws `shards_per_round` of its shards at random, with replacement
-    2. scan      tar headers -> sample references (bytes not read yet); damaged shards are recorded
+    2. scan      tar headers -> sample references (bytes not read yet); damaged shards are recorded.
+                 Remote shards (pipe:, http, s3 ...) are scanned while read: their references hold the
+                 bytes, and a stream that fails mid-shard is retried `retries` times from where it was
     3. shuffle   per source and round, a buffer of `shuffle_buffer` references, emptied at the round's end
     4. mix       per sample, the source to take it from, by weight
     5. load      the sample's bytes
     6. decode    layout -> tensors; random crops / caption picks seeded by the sample's index in the stream;
                  bad samples recorded and skipped
     7. batch     collate (presence masks) + "__position__", "__skipped__", "__bad__"
-Steps 1-4 touch no file contents, so resuming (see position.py) replays them cheaply.
+Steps 1-4 touch no file contents of local shards, so resuming (see position.py) replays them cheaply;
+for remote shards the replay streams the round's shards again up to the position, decoding nothing.
 
 Evaluation reads every shard of every source once, in order: rank r takes shards r, r + R, ..., and its
 worker w of those every W-th from w (no process group needed); steps 2, 5, 6, 7. Ranks may see
@@ -33,6 +36,7 @@ from data_pipelines.collate import collate
 from data_pipelines.config import StreamConfig
 from data_pipelines.decode import check_layout, decode_sample, templates, wanted_files
 from data_pipelines.position import LoaderPosition, restore
+from data_pipelines.remote import mask
 from data_pipelines.tario import SampleRef, ShardError, expand_shards, scan_shard
 from data_pipelines.transforms import Tokenizer
 
@@ -110,7 +114,7 @@ class _Dataset(torch.utils.data.IterableDataset):
 
     def _scan(self, url: str, report: Callable[[dict[str, Any]], None]) -> Iterator[SampleRef]:
         try:
-            yield from scan_shard(url)
+            yield from scan_shard(url, retries=self.cfg.retries)
         except ShardError as exn:
             report({"kind": exn.kind, "shard": url, "key": exn.key, "reason": exn.reason})
 
@@ -142,8 +146,10 @@ class _Dataset(torch.utils.data.IterableDataset):
             empty_rounds = 0 if taken else empty_rounds + 1
             if empty_rounds >= 20:
                 raise RuntimeError(
-                    f"source {source} ({self.cfg.source_list()[source].shards!r}): 20 rounds in a row "
-                    f"found no readable sample (last shards drawn: {chosen})"
+                    mask(
+                        f"source {source} ({self.cfg.source_list()[source].shards!r}): 20 rounds in a row "
+                        f"found no readable sample (last shards drawn: {chosen})"
+                    )
                 )
             round_, offset = round_ + 1, 0
 

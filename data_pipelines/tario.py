@@ -8,19 +8,28 @@ from the tar headers alone) and `SampleRef.load()` reads the bytes.
 
 A shard that cannot be opened, is not a tar, or ends early raises `ShardError` naming the shard and
 the last sample read; every complete sample before the damage has been yielded by then.
+
+Shards that are not local files (`pipe:`, http(s)://, fsspec URLs; see remote.py) are read front to
+back once, scanning while reading: their `SampleRef`s carry the bytes, and a fault mid-shard (a dropped
+connection, a command exiting non-zero) is retried from the sample reached (`scan_stream`).
 """
 
 import glob
 import io
 import json
+import logging
 import os
 import tarfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import braceexpand
 
+from data_pipelines.remote import Permanent, check_scheme, is_remote, mask, open_stream
+
+logger = logging.getLogger("data_pipelines")
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -40,10 +49,13 @@ def _split_top_level(spec: str) -> list[str]:
 
 
 def expand_shards(spec: str) -> list[str]:
-    """Resolve a shard spec to an explicit list of existing local .tar paths, in order.
+    """Resolve a shard spec to an explicit list of existing local .tar paths and remote shards, in order.
 
     Forms (combinable with commas): "dir/shard-{000000..000003}.tar" (every expansion must exist),
-    "dir/*.tar" (sorted glob, must match), "dir" (its *.tar, sorted, must have some), "dir/x.tar".
+    "dir/*.tar" (sorted glob, must match), "dir" (its *.tar, sorted, must have some), "dir/x.tar";
+    remote: "https://host/shard-{000000..000003}.tar", "pipe:aws s3 cp s3://b/s-{0..9}.tar -",
+    "s3://b/s-{0..9}.tar" (brace patterns or lists only: a remote spec cannot be globbed, and whether
+    it answers is found when it is read).
     """
     parts = _split_top_level(spec)
     if not parts:
@@ -55,7 +67,14 @@ def expand_shards(spec: str) -> list[str]:
         except braceexpand.UnbalancedBracesError as exn:
             raise ValueError(f"unbalanced braces in shard spec {spec!r}") from exn
         for path in paths:
-            if _GLOB_CHARS & set(path):
+            if is_remote(path):
+                if "*" in path and not path.startswith("pipe:"):
+                    raise ValueError(
+                        f"remote shard {mask(path)!r} cannot be globbed: give a brace pattern or a list"
+                    )
+                check_scheme(path)
+                urls.append(path)
+            elif _GLOB_CHARS & set(path):
                 matches = sorted(p for p in glob.glob(path) if os.path.isfile(p))
                 if not matches:
                     raise FileNotFoundError(f"no shard file matches {path!r} (from shard spec {spec!r})")
@@ -82,18 +101,21 @@ class ShardError(ValueError):
 
     def __init__(self, kind: str, url: str, key: str | None, reason: str) -> None:
         where = f"after sample {key!r}" if key else "before any sample"
+        url, reason = mask(url), mask(reason)  # credentials never reach a message or a record
         super().__init__(f"{kind} in shard {url} ({where}): {reason}")
         self.kind, self.url, self.key, self.reason = kind, url, key, reason
 
 
 @dataclass(frozen=True, slots=True)
 class SampleRef:
-    """One sample of a shard, not yet read: its key and, per extension, (byte offset, size)."""
+    """One sample of a shard: its key and, per extension, (byte offset, size); a local shard's bytes are
+    read by load(), a stream's are already in `data` (one bytes per file)."""
 
-    url: str
+    url: str  # as shown in messages (credentials masked)
     key: str
     files: tuple[tuple[str, int, int], ...]
     problem: str | None = None  # set when the tar holds something no loader should guess about
+    data: tuple[bytes, ...] | None = None
 
     def load(self, wanted: frozenset[str] | None = None) -> dict[str, Any]:
         """{"__key__", "__url__", ext: bytes} (raises OSError when the shard cannot be read any more).
@@ -103,6 +125,11 @@ class SampleRef:
         sample: dict[str, Any] = {"__key__": self.key, "__url__": self.url}
         if wanted is not None:
             sample["__files__"] = tuple(ext for ext, _, _ in self.files)
+        if self.data is not None:
+            for (ext, _, _), data in zip(self.files, self.data, strict=True):
+                if wanted is None or ext in wanted:
+                    sample[ext] = data
+            return sample
         with open(self.url, "rb") as f:
             for ext, offset, size in self.files:
                 if wanted is not None and ext not in wanted:
@@ -125,11 +152,15 @@ def split_name(name: str) -> tuple[str, str] | None:
     return key, base[dot + 1 :].lower()
 
 
-def _group(url: str, key: str, files: list[tuple[str, int, int]]) -> SampleRef:
+def _group(
+    url: str, key: str, files: list[tuple[str, int, int]], data: list[bytes] | None = None
+) -> SampleRef:
     exts = [ext for ext, _, _ in files]
     twice = sorted({ext for ext in exts if exts.count(ext) > 1})
     problem = f"file {key}.{twice[0]} appears twice in the sample" if twice else None
-    return SampleRef(url=url, key=key, files=tuple(files), problem=problem)
+    return SampleRef(
+        url=url, key=key, files=tuple(files), problem=problem, data=None if data is None else tuple(data)
+    )
 
 
 _BLOCK = tarfile.BLOCKSIZE
@@ -178,15 +209,18 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
-def _members(f: BinaryIO, url: str) -> Iterator[tuple[str, bool, int, int]]:
-    """(name, is a regular file, data offset, size) of every tar member, from the 512-byte headers alone.
+def _members(f: BinaryIO, url: str, start: int = 0) -> Iterator[tuple[str, bool, int, int, int]]:
+    """(name, is a regular file, data offset, size, offset of its first header) of every tar member
+    from `start` on (a header), from the 512-byte headers alone; the first header counts the extended
+    ones (long name, pax) before the member's own.
 
     Reads what Python's ``tarfile`` reads (ustar, GNU long names, POSIX pax headers, base-256 sizes;
     checksums verified) at a fraction of its cost per header. A damaged first header raises
     ``ShardError("unreadable_shard")``; later damage ends the members, and the caller's end-of-archive
     check reports it. Ends after the end-of-archive block, leaving ``f`` just past it.
     """
-    pos, long_name, next_pax, global_pax = 0, None, {}, {}
+    pos, long_name, next_pax, global_pax = start, None, {}, {}
+    first = start
     while True:
         here = pos
         f.seek(here)
@@ -233,7 +267,8 @@ def _members(f: BinaryIO, url: str) -> Iterator[tuple[str, bool, int, int]]:
             if prefix:
                 name = f"{prefix}/{name}"
         long_name, next_pax = None, {}
-        yield name, kind in _REGULAR and not name.endswith("/"), data, size
+        yield name, kind in _REGULAR and not name.endswith("/"), data, size, first
+        first = pos
 
 
 def _signed_sum(block: bytes) -> int:
@@ -241,12 +276,16 @@ def _signed_sum(block: bytes) -> int:
     return 256 + sum(b - 256 if b > 127 else b for i, b in enumerate(block) if not 148 <= i < 156)
 
 
-def scan_shard(url: str) -> Iterator[SampleRef]:
-    """Every sample of one shard, in order, from the tar headers alone (no file contents are read).
+def scan_shard(url: str, *, retries: int = 3) -> Iterator[SampleRef]:
+    """Every sample of one shard, in order: of a local file from the tar headers alone (no file contents
+    are read), of a remote shard as its bytes arrive (scan_stream, with `retries`).
 
     Raises ShardError after the last complete sample when the shard is damaged; a sample whose files
     may be cut off (the one being read when the damage shows) is not yielded.
     """
+    if is_remote(url):
+        yield from scan_stream(url, retries=retries)
+        return
     try:
         f = open(url, "rb")  # noqa: SIM115 (the with below closes it; opening is outside to name the error)
     except OSError as exn:
@@ -256,7 +295,7 @@ def scan_shard(url: str) -> Iterator[SampleRef]:
         done: str | None = None  # key of the last sample yielded
         key: str | None = None
         files: list[tuple[str, int, int]] = []
-        for name, regular, offset, length in _members(f, url):
+        for name, regular, offset, length, _ in _members(f, url):
             parts = split_name(name) if regular else None
             if parts is not None and parts[0] != key:
                 if key is not None:  # a new key starts: the previous sample is complete
@@ -279,6 +318,99 @@ def scan_shard(url: str) -> Iterator[SampleRef]:
             )
         if key is not None:
             yield _group(url, key, files)
+
+
+# ---------------------------------------------------------------------------------------------- streams
+
+RETRY_BACKOFF = 1.0  # seconds before the first retry of a faulty stream; doubled for each further one
+
+
+class _Forward:
+    """A forward-only byte stream seen as the seekable file `_members` reads: seeking ahead skips bytes,
+    seeking back is allowed within the last read (to re-read a header block)."""
+
+    def __init__(self, stream: Any, pos: int) -> None:
+        self.stream, self.pos = stream, pos
+        self._last, self._last_at, self._back = b"", pos, b""
+
+    def read(self, n: int) -> bytes:
+        start, out = self.pos, bytearray(self._back[:n])
+        self._back = self._back[n:]
+        while len(out) < n and (chunk := self.stream.read(n - len(out))):
+            out += chunk
+        data = bytes(out)
+        self.pos = start + len(data)
+        self._last, self._last_at = data, start
+        return data
+
+    def seek(self, target: int) -> None:
+        if target < self.pos:
+            assert target >= self._last_at, (target, self._last_at)  # _members never goes further back
+            self._back = self._last[target - self._last_at : self.pos - self._last_at] + self._back
+            self.pos = target
+        while target > self.pos and self.read(min(target - self.pos, 1 << 20)):
+            pass
+
+
+def _stream_samples(f: _Forward, url: str, start: int) -> Iterator[tuple[SampleRef, int]]:
+    """(sample with its bytes, offset where the next sample starts) as the stream arrives from `start`."""
+    done: str | None = None
+    key: str | None = None
+    files: list[tuple[str, int, int]] = []
+    data: list[bytes] = []
+    for name, regular, offset, length, first in _members(f, url, start):  # type: ignore[arg-type]
+        parts = split_name(name) if regular else None
+        if parts is not None and parts[0] != key:
+            if key is not None:
+                yield _group(url, key, files, data), first
+                done = key
+            key, files, data = parts[0], [], []
+        if parts is not None:
+            f.seek(offset)
+            blob = f.read(length)
+            if len(blob) < length:
+                raise ShardError("truncated_tar", url, done, f"the stream ends inside file {name}")
+            files.append((parts[1], offset, length))
+            data.append(blob)
+    end = f.read(_BLOCK)
+    if len(end) < _BLOCK or any(end):
+        raise ShardError(
+            "truncated_tar", url, done, "no end-of-archive block: the stream was cut between two files"
+        )
+    if key is not None:
+        yield _group(url, key, files, data), f.pos
+
+
+def scan_stream(url: str, *, retries: int = 3) -> Iterator[SampleRef]:
+    """Every sample of a remote shard, read front to back as the bytes arrive (held in the refs).
+
+    A fault (OSError from the stream) is retried up to `retries` times, with backoff, from the first
+    byte of the sample it interrupted (an HTTP Range request; other streams skip bytes up to there);
+    samples already yielded are not yielded again. After that, or at once for a missing shard, it
+    raises ShardError("unreadable_shard") naming the last sample yielded.
+    """
+    done: str | None = None
+    start, attempt = 0, 0
+    while True:
+        try:
+            f = _Forward(open_stream(url, start), start)
+            try:
+                for ref, next_start in _stream_samples(f, url, start):
+                    yield ref
+                    done, start, attempt = ref.key, next_start, 0
+            finally:
+                f.stream.close()
+            return
+        except OSError as exn:
+            if attempt >= retries or isinstance(exn, Permanent):
+                tried = f" (tried {attempt + 1} times)" if attempt else ""
+                raise ShardError("unreadable_shard", url, done, f"{exn}{tried}") from None
+            delay = RETRY_BACKOFF * 2**attempt
+            attempt += 1
+            logger.warning(
+                "%s: %s; retry %d of %d in %.1f s", mask(url), mask(str(exn)), attempt, retries, delay
+            )
+            time.sleep(delay)
 
 
 # ---------------------------------------------------------------------------------------------- writing

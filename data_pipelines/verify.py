@@ -14,12 +14,16 @@ from tqdm import tqdm
 from data_pipelines.bad_data import BAD_KINDS, BadSample
 from data_pipelines.decode import inspect_sample
 from data_pipelines.layouts import Layout, resolve_layout
+from data_pipelines.remote import mask
 from data_pipelines.shards import read_sizes
 from data_pipelines.tario import ShardError, expand_shards, scan_shard
 
 
 def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool = False) -> dict[str, Any]:
     """Decode every sample of the shards in `spec` (images and audio fully, no transforms) under `layout`.
+
+    Remote specs (http, pipe:, fsspec URLs) are streamed; a sizes.json next to remote shards is read
+    too. Shards are named with any URL credentials masked.
 
     Returns:
         shards          number of shard files
@@ -57,6 +61,7 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
     sizes_cache: dict[str, dict[str, int]] = {}
     bar = tqdm(urls, desc="verifying", unit="shard", disable=not progress)
     for url in bar:
+        shown = mask(url)
         read = bad = 0
         try:
             for ref in scan_shard(url):
@@ -70,7 +75,7 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
                     bad += 1
                     bad_counts[exn.kind] += 1
                     report["bad"].append(
-                        {"shard": url, "key": ref.key, "kind": exn.kind, "reason": exn.reason}
+                        {"shard": shown, "key": ref.key, "kind": exn.kind, "reason": exn.reason}
                     )
                     continue
                 combos["+".join(present)] += 1
@@ -78,12 +83,12 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
                     report["modalities"][modality] += 1
         except ShardError as exn:
             report["unreadable"].append(
-                {"shard": url, "kind": exn.kind, "key": exn.key, "reason": exn.reason}
+                {"shard": shown, "kind": exn.kind, "key": exn.key, "reason": exn.reason}
             )
         except OSError as exn:  # the file went away or cannot be read mid-way
             reason = f"{type(exn).__name__}: {exn}"
             report["unreadable"].append(
-                {"shard": url, "kind": "unreadable_shard", "key": None, "reason": reason}
+                {"shard": shown, "kind": "unreadable_shard", "key": None, "reason": mask(reason)}
             )
         directory = os.path.dirname(url) or "."
         if directory not in sizes_cache:
@@ -93,8 +98,8 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
                 sizes_cache[directory] = {}
         listed = sizes_cache[directory].get(os.path.basename(url))
         if listed is not None and int(listed) != read:
-            report["sizes_mismatch"].append({"shard": url, "sizes_json": int(listed), "read": read})
-        report["per_shard"][url] = {"samples": read, "bad": bad}
+            report["sizes_mismatch"].append({"shard": shown, "sizes_json": int(listed), "read": read})
+        report["per_shard"][shown] = {"samples": read, "bad": bad}
         report["samples"] += read
         report["good"] += read - bad
         bar.set_postfix(samples=report["samples"], bad=sum(bad_counts.values()))

@@ -278,6 +278,9 @@ class DataConfig:
     trim_text: bool = True
     # training-time audio augmentation, off by default: see data_pipelines.AudioAugment
     audio_augment: AudioAugment = field(default_factory=AudioAugment)
+    # a remote shard (pipe:, http(s)://, s3:// ...) whose stream fails mid-way is retried this often,
+    # with backoff, from the sample it reached; then it counts as bad data like a truncated tar
+    retries: int = 3
 
     def validate(self, path: str = "data") -> None:
         try:  # its own checks, again: an override sets fields one by one
@@ -292,8 +295,9 @@ class DataConfig:
         for i, source in enumerate(self.sources):
             if not source.shards or not source.weight > 0:
                 raise ValueError(f"{path}.sources[{i}] needs shards and a weight > 0, got {source}")
-        if self.num_workers < 0:
-            raise ValueError(f"{path}.num_workers must be >= 0, got {self.num_workers}")
+        for name in ("num_workers", "retries"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
         _positive(self, path, "shuffle_buffer", "shards_per_round")
 
 

@@ -61,6 +61,7 @@ def stream_config(
         num_workers=d.num_workers,
         shuffle_buffer=d.shuffle_buffer,
         shards_per_round=d.shards_per_round,
+        retries=d.retries,
         seed=cfg.train.seed,
         image=ImageSpec(size=m.image.image_size) if m.image is not None else None,
         audio=audio,
