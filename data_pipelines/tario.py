@@ -395,7 +395,7 @@ def scan_stream(url: str, *, retries: int = 3) -> Iterator[SampleRef]:
         try:
             f = _Forward(open_stream(url, start), start)
             try:
-                for ref, next_start in _stream_samples(f, url, start):
+                for ref, next_start in _stream_samples(f, mask(url), start):  # refs name it masked
                     yield ref
                     done, start, attempt = ref.key, next_start, 0
             finally:

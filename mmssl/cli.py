@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from mmssl.config import RunConfig, apply_overrides, load_json, save_json
+from data_pipelines.remote import mask
+from mmssl.config import RunConfig, apply_overrides, load_json, save_json, url_credentials
 from mmssl.presets import PRESETS, get_preset
+
+CREDENTIALS_ENV = "MMSSL_URL_CREDENTIALS"  # launcher -> ranks: what config.json masks (see url_credentials)
 
 
 @contextlib.contextmanager
@@ -26,12 +30,14 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mmssl: error: {e}", file=sys.stderr)
+        print(f"mmssl: error: {mask(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    cfg = load_json(args.config) if args.config else get_preset(args.preset)
+    # a launched rank gets the shard URLs' credentials, masked in config.json, from its launcher
+    credentials = json.loads(os.environ.get(CREDENTIALS_ENV, "{}"))
+    cfg = load_json(args.config, credentials) if args.config else get_preset(args.preset)
     apply_overrides(cfg, args.overrides)
     if args.run_dir:
         cfg.run_dir = args.run_dir
@@ -73,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
     env = dict(os.environ)
+    if credentials := url_credentials(cfg):
+        env[CREDENTIALS_ENV] = json.dumps(credentials)
     if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
     if args.hostfile:  # several nodes, started from this one over ssh
@@ -219,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with user_errors():
         model = checkpoint.load(args.checkpoint).model
     if rank == 0:
-        print(f"evaluating {args.checkpoint} on {cfg.data.eval_shards} ({world_size} rank(s))", flush=True)
+        shown = mask(cfg.data.eval_shards)
+        print(f"evaluating {args.checkpoint} on {shown} ({world_size} rank(s))", flush=True)
     evaluate.run_eval(model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size)
     if worker:
         engine.shutdown()
@@ -285,7 +294,7 @@ def cmd_demo_data(args: argparse.Namespace) -> int:
     try:
         summary = build_spoken_digits(args.out, limit=args.limit, seed=args.seed)
     except RuntimeError as e:  # espeak-ng missing: the builder says how to install it
-        print(f"mmssl: error: {e}", file=sys.stderr)
+        print(f"mmssl: error: {mask(str(e))}", file=sys.stderr)
         return 2
     print(_format_demo_summary(summary, args.out))
     return 0

@@ -12,13 +12,17 @@ import dataclasses
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data_pipelines.remote import mask
 from data_pipelines.specs import AudioAugment
+
+_USERINFO_HOST = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@([^/\s'\"]*)")
 
 MODALITIES = ("image", "text", "audio")
 # open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
@@ -493,15 +497,25 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
 
 def save_json(cfg: RunConfig, path: str | Path) -> None:
     """Written to a temporary file and renamed: a rank reading it (another node's launcher may be
-    writing the same file) never sees half of one."""
+    writing the same file) never sees half of one. A URL's user:password part is written as ***."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(to_dict(cfg), indent=2) + "\n")
+    tmp.write_text(mask(json.dumps(to_dict(cfg), indent=2)) + "\n")
     os.replace(tmp, path)
 
 
-def load_json(path: str | Path) -> RunConfig:
-    return from_dict(RunConfig, json.loads(Path(path).read_text()))
+def url_credentials(cfg: RunConfig) -> dict[str, str]:
+    """{masked URL start: the real one} for each URL in the config with a user:password part, so that
+    ranks reading a saved (masked) config.json get them back from their launcher's environment."""
+    text = json.dumps(to_dict(cfg))
+    return {f"{m[1]}***@{m[2]}": m[0] for m in _USERINFO_HOST.finditer(text)}
+
+
+def load_json(path: str | Path, credentials: dict[str, str] | None = None) -> RunConfig:
+    text = Path(path).read_text()
+    for masked, real in (credentials or {}).items():
+        text = text.replace(masked, real)
+    return from_dict(RunConfig, json.loads(text))
 
 
 def _field_names(obj: Any) -> set[str]:
