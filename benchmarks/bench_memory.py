@@ -4,7 +4,7 @@ Each (preset, ZeRO stage, ranks) is its own process group: torchrun starts 2 or 
 runs directly. Every rank builds the preset's task, wraps it in mmssl's engine (DeepSpeed, fp32, torch
 AdamW, the repo's ds_config.json with the stage overridden), runs two training steps on a random batch
 of the preset's shapes and counts the bytes of the tensors it holds between the second backward and
-its optimizer step (``mmssl.engine.rank_state_bytes``: each storage once, in full):
+its optimizer step (``mmssl.memory.rank_state_bytes``: each storage once, in full):
 
     params   the parameters it holds (ZeRO-3: its partitions plus the small ones kept whole)
     grads    gradients, wherever ZeRO keeps them
@@ -116,7 +116,7 @@ def process_started() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from mmssl import engine
+    from mmssl import engine, memory
     from mmssl.task import Task
 
     clock = {"started": process_started(), "imported": time.time()}
@@ -137,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def snapshot(*_: Any) -> None:
         if measuring:
-            at_step.append(engine.rank_state_bytes(eng)["total"])
+            at_step.append(memory.rank_state_bytes(eng)["total"])
 
     inner.register_step_pre_hook(snapshot)
     eng.train()
@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
         out = eng(batch, step=step)
         eng.backward(out["loss"])
         if step == 1:
-            held = engine.rank_state_bytes(eng)
+            held = memory.rank_state_bytes(eng)
             measuring = True
         eng.step()
         clock[f"step{step + 1}"] = time.time()
@@ -159,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         "threads": torch.get_num_threads(),
         "held": held,
         "at_step_max_total": max(at_step, default=held["total"]),
-        "after_step": engine.rank_state_bytes(eng),
+        "after_step": memory.rank_state_bytes(eng),
         "peak_rss": peak_rss(),
         "loss": out["loss"].item(),
         "clock": clock,
@@ -200,12 +200,12 @@ def meminfo(field: str = "MemAvailable") -> int:
 
 def preset_facts(preset: str, ranks: list[int]) -> dict[str, Any]:
     """Parameter counts and DeepSpeed's estimates, from the task built on the meta device (no memory)."""
-    from mmssl import engine
+    from mmssl import memory
     from mmssl.task import Task
 
     with torch.device("meta"):
         task = Task(worker_config(preset, 0, 1))
-    estimates = {n: engine.zero_state_estimates(task, n) for n in ranks}
+    estimates = {n: memory.zero_state_estimates(task, n) for n in ranks}
     first = estimates[ranks[0]]
     return {
         "params": first["params"],
