@@ -4,7 +4,7 @@ Each (preset, ZeRO stage, ranks) is its own process group: torchrun starts 2 or 
 runs directly. Every rank builds the preset's task, wraps it in mmssl's engine (DeepSpeed, fp32, torch
 AdamW, the repo's ds_config.json with the stage overridden), runs two training steps on a random batch
 of the preset's shapes and counts the bytes of the tensors it holds between the second backward and
-its optimizer step (``mmssl.engine.rank_state_bytes``: each storage once, in full):
+its optimizer step (``mmssl.memory.rank_state_bytes``: each storage once, in full):
 
     params   the parameters it holds (ZeRO-3: its partitions plus the small ones kept whole)
     grads    gradients, wherever ZeRO keeps them
@@ -116,7 +116,7 @@ def process_started() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from mmssl import engine
+    from mmssl import engine, memory
     from mmssl.task import Task
 
     clock = {"started": process_started(), "imported": time.time()}
@@ -137,7 +137,7 @@ def worker(args: argparse.Namespace) -> None:
 
     def snapshot(*_: Any) -> None:
         if measuring:
-            at_step.append(engine.rank_state_bytes(eng)["total"])
+            at_step.append(memory.rank_state_bytes(eng)["total"])
 
     inner.register_step_pre_hook(snapshot)
     eng.train()
@@ -145,7 +145,7 @@ def worker(args: argparse.Namespace) -> None:
         out = eng(batch, step=step)
         eng.backward(out["loss"])
         if step == 1:
-            held = engine.rank_state_bytes(eng)
+            held = memory.rank_state_bytes(eng)
             measuring = True
         eng.step()
         clock[f"step{step + 1}"] = time.time()
@@ -159,7 +159,7 @@ def worker(args: argparse.Namespace) -> None:
         "threads": torch.get_num_threads(),
         "held": held,
         "at_step_max_total": max(at_step, default=held["total"]),
-        "after_step": engine.rank_state_bytes(eng),
+        "after_step": memory.rank_state_bytes(eng),
         "peak_rss": peak_rss(),
         "loss": out["loss"].item(),
         "clock": clock,
@@ -200,12 +200,12 @@ def meminfo(field: str = "MemAvailable") -> int:
 
 def preset_facts(preset: str, ranks: list[int]) -> dict[str, Any]:
     """Parameter counts and DeepSpeed's estimates, from the task built on the meta device (no memory)."""
-    from mmssl import engine
+    from mmssl import memory
     from mmssl.task import Task
 
     with torch.device("meta"):
         task = Task(worker_config(preset, 0, 1))
-    estimates = {n: engine.zero_state_estimates(task, n) for n in ranks}
+    estimates = {n: memory.zero_state_estimates(task, n) for n in ranks}
     first = estimates[ranks[0]]
     return {
         "params": first["params"],
@@ -374,7 +374,7 @@ def table(results: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) -> st
     return "\n".join(lines)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--presets", nargs="+", default=["small", "base"])
     p.add_argument("--stages", nargs="+", type=int, default=[0, 1, 2, 3])
@@ -395,26 +395,20 @@ def main() -> None:
     p.add_argument("--preset", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     p.add_argument("--record", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.worker:
-        args.record = args.record.replace("{rank}", os.environ.get("RANK", "0"))
-        worker(args)
-        return
+    return p.parse_args()
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    ranks = sorted(args.ranks)
-    facts = {preset: preset_facts(preset, ranks) for preset in args.presets}
-    for preset, f in facts.items():
-        f["micro_batch"] = args.micro_batch or MICRO_BATCH.get(preset, 1)
-    # stage 0 on one rank first: it needs least and measures the preset's per-rank overhead
-    plan = [(preset, stage, n) for preset in args.presets for stage in sorted(args.stages) for n in ranks]
+
+def run_plan(
+    plan: list[tuple[str, int, int]], facts: dict[str, dict[str, Any]], args: argparse.Namespace
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Launch every (preset, stage, ranks) of ``plan`` that fits in free memory; returns a row per
+    combination, in plan order, and each preset's measured per-rank overhead."""
     overhead: dict[str, int] = {}  # per preset, measured on its first launch
 
     def planned(preset: str, stage: int, n: int) -> int:
         return planned_bytes(facts[preset]["params"], stage, n, overhead.get(preset, OVERHEAD_GUESS))
 
     results: dict[tuple[str, int, int], dict[str, Any]] = {}
-    started = time.time()
     bar = tqdm(total=len(plan), unit="launch", dynamic_ncols=True)
     # The machine is shared: a combination that does not fit now is tried again after the others, then
     # (if it could fit on a quieter machine) waits up to --wait seconds in all for memory to free.
@@ -456,7 +450,25 @@ def main() -> None:
             results[preset, stage, n] = row
             bar.update(1)
     bar.close()
-    results = [results[item] for item in plan]
+    return [results[item] for item in plan], overhead
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        args.record = args.record.replace("{rank}", os.environ.get("RANK", "0"))
+        worker(args)
+        return
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    ranks = sorted(args.ranks)
+    facts = {preset: preset_facts(preset, ranks) for preset in args.presets}
+    for preset, f in facts.items():
+        f["micro_batch"] = args.micro_batch or MICRO_BATCH.get(preset, 1)
+    # stage 0 on one rank first: it needs least and measures the preset's per-rank overhead
+    plan = [(preset, stage, n) for preset in args.presets for stage in sorted(args.stages) for n in ranks]
+    started = time.time()
+    results, overhead = run_plan(plan, facts, args)
 
     text = table(results, facts)
     seconds = time.time() - started

@@ -661,8 +661,9 @@ def sweep_runs(args: argparse.Namespace) -> int:
     return (2 if args.baseline_compile == "auto" else 0) + mmssl
 
 
-def main() -> None:
-    args = parse_args()
+def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+    """Shards (built if missing), the baseline's brace pattern and gradient clipping, and this run's
+    output folder. Returns the folder and the DeepSpeed config both trainers are matched to."""
     os.chdir(REPO)
     args.shards = args.shards if args.shards.is_absolute() else REPO / args.shards
     if not (args.shards / "DONE.json").is_file():
@@ -677,10 +678,11 @@ def main() -> None:
     args.grad_clip = ds_config.get("gradient_clipping") or 0.0  # both clip where mmssl's engine does
     out = (args.out if args.out.is_absolute() else REPO / args.out) / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    python = baseline_python(args.venv if args.venv.is_absolute() else REPO / args.venv)
-    info = machine()
+    return out, ds_config
 
-    archs = {name: ARCHS[name](args.context_length) for name in args.models}
+
+def describe_models(archs: dict[str, Arch], out: Path) -> dict[str, dict[str, Any]]:
+    """Each model's open_clip config written to disk and both parameter counts, which must agree."""
     per_model: dict[str, dict[str, Any]] = {}
     for name, a in archs.items():
         a_dir = out / "open_clip_models" / name
@@ -696,7 +698,18 @@ def main() -> None:
             "open_clip_config": str(a_dir),
             "runs": [],
         }
+    return per_model
 
+
+def run_models(
+    python: Path,
+    archs: dict[str, Arch],
+    per_model: dict[str, dict[str, Any]],
+    args: argparse.Namespace,
+    out: Path,
+) -> None:
+    """Per model: each trainer's best setting, then ``--repeats`` alternating runs of both; every run is
+    recorded in ``per_model`` and the model's summary added."""
     bar = tqdm(
         total=len(archs) * (2 * args.repeats + sweep_runs(args)), desc="runs", unit="run", dynamic_ncols=True
     )
@@ -724,34 +737,50 @@ def main() -> None:
         r["summary"] = summarise([x for x in runs if x.model == name])
     bar.close()
 
-    info["load_avg_at_end"] = os.getloadavg()
+
+def describe_settings(
+    args: argparse.Namespace, per_model: dict[str, dict[str, Any]], ds_config: dict[str, Any], python: Path
+) -> dict[str, Any]:
+    """What both trainers ran with, in words and figures, for results.json and the report."""
     versions = json.loads((python.parent.parent / "mmssl-bench.json").read_text())["versions"]
     chosen = ", ".join(f"{name} {r['open_clip_setting']}" for name, r in per_model.items())
     mine = ", ".join(f"{name} {r['mmssl_setting']}" for name, r in per_model.items())
+    return {
+        "batch": args.batch,
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "steps": args.steps,
+        "log_every": args.log_every,
+        "grad_clip": args.grad_clip,
+        "train_data": args.train_data,
+        "open_clip": (
+            f"python -m open_clip_train.main, 1 process, --precision fp32, webdataset (not resampled), "
+            f"loader workers / torch.compile as chosen: {chosen} {args.baseline_args}".rstrip()
+            + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
+        ),
+        "mmssl": (
+            "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
+            f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
+            f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
+            f"workers / engine.compile as chosen: {mine}"
+        ),
+        "open_clip_versions": versions,
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    out, ds_config = prepare(args)
+    python = baseline_python(args.venv if args.venv.is_absolute() else REPO / args.venv)
+    info = machine()
+    archs = {name: ARCHS[name](args.context_length) for name in args.models}
+    per_model = describe_models(archs, out)
+    run_models(python, archs, per_model, args, out)
+    info["load_avg_at_end"] = os.getloadavg()
     results = {
         "machine": info,
         "target": TARGET,
-        "settings": {
-            "batch": args.batch,
-            "threads": args.threads,
-            "warmup": args.warmup,
-            "steps": args.steps,
-            "log_every": args.log_every,
-            "grad_clip": args.grad_clip,
-            "train_data": args.train_data,
-            "open_clip": (
-                f"python -m open_clip_train.main, 1 process, --precision fp32, webdataset (not resampled), "
-                f"loader workers / torch.compile as chosen: {chosen} {args.baseline_args}".rstrip()
-                + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
-            ),
-            "mmssl": (
-                "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
-                f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
-                f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
-                f"workers / engine.compile as chosen: {mine}"
-            ),
-            "open_clip_versions": versions,
-        },
+        "settings": describe_settings(args, per_model, ds_config, python),
         "models": per_model,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -168,6 +168,56 @@ def _finished(out: Path, params: dict[str, Any]) -> dict[str, Any] | None:
     return done["summary"] if complete else None
 
 
+def _digits(limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digit images ``[N, 8, 8]`` (levels 0..16) and labels ``[N]``, the first ``limit``."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
+
+    digits = load_digits()
+    images, labels = digits.images, digits.target
+    if limit is not None:
+        if limit < 2:
+            raise ValueError(f"limit must be at least 2 images (one per split), got {limit}")
+        images, labels = images[:limit], labels[:limit]
+    return images, labels
+
+
+def _write_split(
+    directory: Path,
+    split: str,
+    rows: list[dict[str, Any]],
+    pngs: list[bytes],
+    wavs: dict[tuple[str, str, int, int], bytes],
+    samples_per_shard: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Write one split's planned samples as shards; returns its counts, shard pattern and shards."""
+    samples = (
+        {
+            "__key__": s["key"],
+            "png": pngs[s["image_index"]],
+            "txt": s["caption"],
+            "wav": wavs[(s["caption"], s["voice"], s["speed"], s["pitch"])],
+            "json": {
+                "label": s["label"],
+                "split": split,
+                "caption": s["caption"],
+                "voice": s["voice"],
+                "speed": s["speed"],
+                "pitch": s["pitch"],
+                "image_index": s["image_index"],
+            },
+        }
+        for s in tqdm(rows, desc=f"writing {split}", disable=not progress)
+    )
+    written = write_shards(samples, directory, max_count=samples_per_shard)
+    return {
+        "samples": written["total"],
+        "images": len({s["image_index"] for s in rows}),
+        "pattern": written["pattern"],
+        "shards": written["shards"],
+    }
+
+
 def build_spoken_digits(
     out_dir: str | Path,
     *,
@@ -207,15 +257,8 @@ def build_spoken_digits(
         )
     check_voices(tuple(voices))
 
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
     start = time.perf_counter()
-    digits = load_digits()
-    images, labels = digits.images, digits.target  # [N, 8, 8] levels 0..16, [N]
-    if limit is not None:
-        if limit < 2:
-            raise ValueError(f"limit must be at least 2 images (one per split), got {limit}")
-        images, labels = images[:limit], labels[:limit]
+    images, labels = _digits(limit)
     plan = _plan(
         labels, test_fraction=test_fraction, seed=seed, captions_per_image=captions_per_image, voices=voices
     )
@@ -227,31 +270,7 @@ def build_spoken_digits(
     splits = {}
     for split, rows in plan.items():
         _clear_split(out / split)
-        samples = (
-            {
-                "__key__": s["key"],
-                "png": pngs[s["image_index"]],
-                "txt": s["caption"],
-                "wav": wavs[(s["caption"], s["voice"], s["speed"], s["pitch"])],
-                "json": {
-                    "label": s["label"],
-                    "split": split,
-                    "caption": s["caption"],
-                    "voice": s["voice"],
-                    "speed": s["speed"],
-                    "pitch": s["pitch"],
-                    "image_index": s["image_index"],
-                },
-            }
-            for s in tqdm(rows, desc=f"writing {split}", disable=not progress)
-        )
-        written = write_shards(samples, out / split, max_count=samples_per_shard)
-        splits[split] = {
-            "samples": written["total"],
-            "images": len({s["image_index"] for s in rows}),
-            "pattern": written["pattern"],
-            "shards": written["shards"],
-        }
+        splits[split] = _write_split(out / split, split, rows, pngs, wavs, samples_per_shard, progress)
     (out / "classes.json").write_text(json.dumps(list(CLASSES)) + "\n")
     summary = {
         "out_dir": str(out),

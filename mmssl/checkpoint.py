@@ -111,12 +111,6 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(model=model, cfg=cfg, run_dir=run_dir, log_logit_scales=scales, source=source)
 
 
-def load_model(path: str | Path) -> tuple[MultimodalModel, RunConfig, Path]:
-    """fp32 model of any ZeRO stage's checkpoint (or an export), with its run config and run dir."""
-    ckpt = load(path)
-    return ckpt.model, ckpt.cfg, ckpt.run_dir
-
-
 @torch.no_grad()
 def contiguous_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Tensors that own their memory (ZeRO consolidation returns views of flat buffers; safetensors

@@ -1,9 +1,14 @@
-"""The ONLY command-line parser. ``mmssl train | eval | embed | export | shards | demo-data``.
+"""Multimodal self-supervised pretraining: train, evaluate, embed and export image/text/audio models.
 
-Everything a run needs is checked here, in the first process, before any worker starts: preset
-names, dotted overrides, config values, shard paths and the DeepSpeed batch identity. A mistake ends
-the command with one line naming the value at fault (exit code 2).
+``mmssl train | eval | embed | export | shards | demo-data``; ``mmssl <command> --help`` for each.
+Settings are a preset (or a run's config.json) plus dotted overrides such as ``optim.lr=3e-4``. A
+mistake in a setting or a path ends the command with one line naming it (exit code 2), before any
+training process starts.
 """
+
+# For developers: this is the only module that parses arguments. Everything a run needs is checked
+# here, in the first process, before any worker starts: preset names, dotted overrides, config values,
+# shard paths and the DeepSpeed batch identity.
 
 from __future__ import annotations
 

@@ -363,113 +363,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-# ---------------------------------------------------------------------------------------------------
-# Memory: the model state a rank holds, measured on a live engine, and DeepSpeed's own estimates
-
-# Where DeepSpeed 0.19.7's ZeRO optimizers keep gradients (stage 1/2 names, then stage 3 names)
-_ZERO_GRAD_ATTRS = (
-    "averaged_gradients", "all_grad_tensors", "grads_in_partition",
-    "grad_partitions_flat_buffer", "_DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition",
-)  # fmt: skip
-# ... and the fp32 partitions its inner optimizer steps (a copy of the weights, or the same storage)
-_ZERO_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
-
-
-def _tensors_in(obj: Any) -> list[Tensor]:
-    """Tensors in a tensor or in nested lists, tuples and dicts of them."""
-    if isinstance(obj, Tensor):
-        return [obj]
-    if isinstance(obj, dict):
-        obj = list(obj.values())
-    if isinstance(obj, list | tuple):
-        return [t for item in obj for t in _tensors_in(item)]
-    return []
-
-
-def rank_state_bytes(eng: Engine) -> dict[str, Any]:
-    """Bytes of model state this rank holds right now, by kind:
-
-    - ``params``: the module's parameters; under ZeRO-3 this rank's partitions (``ds_tensor``) plus any
-      parameter held whole (the small ones ZeRO-3 keeps on every rank, ``stage3_param_persistence_threshold``);
-    - ``grads``: gradients wherever ZeRO keeps them (``.grad``, accumulation buffers, flat partitions);
-    - ``master``: the fp32 partitions the inner optimizer steps, where they are a separate copy;
-    - ``optim``: the inner optimizer's state (Adam's two moments and step counters);
-    - ``other``: any further tensor the DeepSpeed engine or its ZeRO optimizer holds (``other_top`` names
-      the largest, e.g. communication buckets).
-
-    Each storage counts once, in full, under the first kind in that order that reaches it, so parameters
-    and gradients that are views into DeepSpeed's flat buffers are not counted twice."""
-    ds = eng.ds
-    params = list(ds.module.parameters())
-    zero = ds.optimizer if eng.zero_stage > 0 else None
-    # the torch optimizer that holds Adam's state
-    inner = zero.optimizer if zero is not None else ds.optimizer
-    kinds: dict[str, list[Tensor]] = {
-        "params": [t for p in params for t in (getattr(p, "ds_tensor", None), p.data) if t is not None],
-        "grads": [t for p in params for t in (p.grad, getattr(p, "grad_accum", None)) if t is not None],
-        "master": [],
-        "optim": _tensors_in([dict(s) for s in inner.state.values()]),
-    }
-    if zero is not None:
-        kinds["grads"] += _tensors_in([getattr(zero, a, None) for a in _ZERO_GRAD_ATTRS])
-        masters = _tensors_in([getattr(zero, a, None) for a in _ZERO_MASTER_ATTRS])
-        kinds["master"] = masters
-        kinds["grads"] += [m.grad for m in masters if m.grad is not None]
-    seen: set[int] = set()
-    out: dict[str, Any] = {}
-    for kind, tensors in kinds.items():
-        out[kind] = 0
-        for t in tensors:
-            storage = t.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                out[kind] += storage.nbytes()
-    # anything else the engine keeps: walk DeepSpeed's own objects (not torch's or the model's)
-    found: dict[int, tuple[str, int]] = {}
-    visited: set[int] = set()
-
-    def walk(obj: Any, path: str, depth: int) -> None:
-        if id(obj) in visited or depth > 6:
-            return
-        visited.add(id(obj))
-        if isinstance(obj, Tensor):
-            storage = obj.untyped_storage()
-            if storage.nbytes() and storage.data_ptr() not in seen:
-                found.setdefault(storage.data_ptr(), (path, storage.nbytes()))
-        elif isinstance(obj, dict):
-            for key, value in list(obj.items())[:10_000]:
-                walk(value, f"{path}[{key!r}]", depth + 1)
-        elif isinstance(obj, list | tuple | set):
-            for i, value in enumerate(list(obj)[:10_000]):
-                walk(value, f"{path}[{i}]", depth + 1)
-        elif type(obj).__module__.startswith("deepspeed") and hasattr(obj, "__dict__"):
-            for name, value in vars(obj).items():
-                if name not in ("module", "_modules", "_parameters"):
-                    walk(value, f"{path}.{name}", depth + 1)
-
-    walk(ds, "engine", 0)
-    for name, buffer in ds.module.named_buffers():
-        walk(buffer, f"module.{name}", 0)
-    out["other"] = sum(nbytes for _, nbytes in found.values())
-    out["other_top"] = sorted(found.values(), key=lambda item: -item[1])[:3]
-    out["total"] = sum(out[k] for k in ("params", "grads", "master", "optim", "other"))
-    return out
-
-
-def zero_state_estimates(model: nn.Module, world_size: int) -> dict[str, int]:
+def deepspeed_state_estimates(params: int, largest_layer: int, world_size: int) -> dict[str, int]:
     """DeepSpeed's own per-rank estimates of model-state bytes without offload, for ZeRO-2 and ZeRO-3 on
-    ``world_size`` ranks of one node. They assume 16-bit parameters and gradients with fp32 master weights
-    and Adam: ZeRO-2 ``2P + 18P/N``, ZeRO-3 ``4L + 18P/N`` (``L`` the largest layer's parameters).
-
-    Counts parameters by identity, so it works on a model built on the meta device (DeepSpeed's
-    ``*_all_live`` helpers count by ``data_ptr``, which is 0 for every meta tensor)."""
+    ``world_size`` ranks of one node, given the parameter count and the largest layer's (the memory
+    benchmark's reference; ``mmssl.memory`` counts what a live engine holds)."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    total = sum({id(p): p.numel() for p in model.parameters()}.values())
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    _, zero2 = estimate_zero2_model_states_mem_needs(total, num_gpus_per_node=world_size, cpu_offload=False)
+    _, zero2 = estimate_zero2_model_states_mem_needs(params, num_gpus_per_node=world_size, cpu_offload=False)
     _, zero3, _ = estimate_zero3_model_states_mem_needs(
-        total, largest, num_gpus_per_node=world_size, cpu_offload=False, cpu_offload_params=False
+        params, largest_layer, num_gpus_per_node=world_size, cpu_offload=False, cpu_offload_params=False
     )
-    return {"zero2": zero2, "zero3": zero3, "params": total, "largest_layer_params": largest}
+    return {"zero2": zero2, "zero3": zero3}

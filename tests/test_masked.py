@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from mmssl.config import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, MaskedPatchConfig, MaskedTextConfig
 from mmssl.encoders import build_encoder
-from mmssl.objectives import MaskedTextObjective, masked_audio_objective, masked_image_objective
+from mmssl.objectives import MaskedAudioObjective, MaskedImageObjective, MaskedTextObjective
 from mmssl.objectives.masking import keep_count, mask_scores, random_keep
 from mmssl.presets import get_preset
 from mmssl.task import Task
@@ -39,7 +39,7 @@ def patch_objective(modality: str, **overrides):
     tower_cfg = getattr(MODEL, modality)
     settings = {"enabled": True, "mask_ratio": 0.75 if modality == "image" else 0.8, **overrides}
     cfg = MaskedPatchConfig(**settings)
-    build = masked_image_objective if modality == "image" else masked_audio_objective
+    build = MaskedImageObjective if modality == "image" else MaskedAudioObjective
     return build_encoder(tower_cfg, MODEL.embed_dim), build(cfg, tower_cfg)
 
 

@@ -1,14 +1,21 @@
-"""Training objectives: each a module returning a dict of named terms ``{"<name>_loss": t, ...}``."""
+"""Training objectives: each an ``nn.Module`` built from its config and its tower's config, returning a
+dict of named terms ``{"<name>_loss": t, ...}``."""
 
 from mmssl.objectives.contrastive import ContrastiveObjective, MaskedClipLoss
-from mmssl.objectives.masked_audio import masked_audio_objective
-from mmssl.objectives.masked_image import masked_image_objective
+from mmssl.objectives.masked_audio import MaskedAudioObjective
+from mmssl.objectives.masked_image import MaskedImageObjective
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 from mmssl.objectives.masked_text import MaskedTextObjective
 
+# The names mmssl.task still imports; the classes above replace them (drop with task.py's next edit)
+masked_audio_objective = MaskedAudioObjective
+masked_image_objective = MaskedImageObjective
+
 __all__ = [
     "ContrastiveObjective",
+    "MaskedAudioObjective",
     "MaskedClipLoss",
+    "MaskedImageObjective",
     "MaskedPatchObjective",
     "MaskedTextObjective",
     "masked_audio_objective",

@@ -11,11 +11,14 @@ from mmssl.config import AudioTowerConfig, MaskedPatchConfig
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 
 
-def masked_audio_objective(cfg: MaskedPatchConfig, tower: AudioTowerConfig) -> MaskedPatchObjective:
-    return MaskedPatchObjective(
-        cfg,
-        name="masked_audio",
-        width=tower.width,
-        grid=tower.grid,
-        patch_dim=tower.patch_freq * tower.patch_time,
-    )
+class MaskedAudioObjective(MaskedPatchObjective):
+    """AudioMAE on the audio tower: patches of ``patch_freq`` mel bands by ``patch_time`` frames."""
+
+    def __init__(self, cfg: MaskedPatchConfig, tower: AudioTowerConfig):
+        super().__init__(
+            cfg,
+            name="masked_audio",
+            width=tower.width,
+            grid=tower.grid,
+            patch_dim=tower.patch_freq * tower.patch_time,
+        )

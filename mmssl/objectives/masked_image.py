@@ -6,8 +6,11 @@ from mmssl.config import ImageTowerConfig, MaskedPatchConfig
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 
 
-def masked_image_objective(cfg: MaskedPatchConfig, tower: ImageTowerConfig) -> MaskedPatchObjective:
-    side = tower.image_size // tower.patch_size
-    return MaskedPatchObjective(
-        cfg, name="masked_image", width=tower.width, grid=(side, side), patch_dim=3 * tower.patch_size**2
-    )
+class MaskedImageObjective(MaskedPatchObjective):
+    """MAE on the image tower: patches of ``patch_size`` pixels, 3 channels each."""
+
+    def __init__(self, cfg: MaskedPatchConfig, tower: ImageTowerConfig):
+        side = tower.image_size // tower.patch_size
+        super().__init__(
+            cfg, name="masked_image", width=tower.width, grid=(side, side), patch_dim=3 * tower.patch_size**2
+        )
