@@ -3,10 +3,10 @@
 This package never imports mmssl: mmssl hands it specs (ImageSpec, AudioSpec) and a tokenizer.
 """
 
-from data_pipelines.bad_data import BAD_KINDS, BadDataTally, BadSample
+from data_pipelines.bad_data import BAD_KINDS, KEPT_KINDS, BadDataError, BadDataTally, BadSample
 from data_pipelines.collate import MODALITIES, collate, trim_padding
 from data_pipelines.config import SourceConfig, StreamConfig
-from data_pipelines.decode import check_layout, decode_sample, templates
+from data_pipelines.decode import check_layout, decode_sample, read_label, templates
 from data_pipelines.demo import build_spoken_digits
 from data_pipelines.layouts import PRESETS, Layout, parse_layout, resolve_layout
 from data_pipelines.manifest import write_from_manifest
@@ -31,10 +31,12 @@ from data_pipelines.verify import verify_exit_code, verify_shards
 
 __all__ = [
     "BAD_KINDS",
+    "KEPT_KINDS",
     "MODALITIES",
     "PRESETS",
     "AudioAugment",
     "AudioSpec",
+    "BadDataError",
     "BadDataTally",
     "BadSample",
     "ImageSpec",
@@ -64,6 +66,7 @@ __all__ = [
     "img2dataset_samples",
     "iter_samples",
     "parse_layout",
+    "read_label",
     "resample",
     "resolve_layout",
     "scan_shard",

@@ -1,6 +1,8 @@
 """Bad data: what kinds there are, how a worker records them, and how the trainer totals and reports them.
 
 A bad sample or shard never stops a run: the worker skips it and records (kind, shard, key, reason).
+A bad label (KEPT_KINDS) does not even skip the sample: it is recorded, and the sample goes on without
+its label. Only a long run of bad samples in a row stops a training stream (`BadDataError`).
 Records travel to the training process inside the next batch the worker yields, under two keys:
 
     batch["__skipped__"]  {kind: int}   what this worker skipped since its previous batch (exact counts)
@@ -12,6 +14,7 @@ training process and logs each record at WARNING on the "data_pipelines" logger:
 """
 
 import logging
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +31,16 @@ BAD_KINDS = (
     "bad_audio",  # undecodable audio, or no samples
     "bad_text",  # caption not UTF-8, or a JSON caption that is not a string or list of strings
     "empty_caption",  # caption empty after stripping
-    "bad_json",  # JSON that does not parse or is not an object, or a label that is not an integer
+    "bad_json",  # JSON that does not parse or is not an object
     "bad_shape",  # a tensor whose shape or dtype after transforms differs from the configured one
+    "bad_label",  # a label that is neither an integer nor a class name: the sample is kept, unlabelled
 )
+KEPT_KINDS = ("bad_label",)  # recorded, but the sample is used (without its label)
 RECORDS_PER_BATCH = 32  # per batch, records beyond this are only counted
+
+
+class BadDataError(RuntimeError):
+    """A stream cannot go on (e.g. too many bad samples in a row); the message is one line for the user."""
 
 
 class BadSample(ValueError):
@@ -52,14 +61,12 @@ class BadDataLog:
 
     counts: dict[str, int]
     records: list[dict[str, Any]]
-    last: dict[str, Any] | None = None  # the latest record, kept across take()
 
     @classmethod
     def empty(cls) -> "BadDataLog":
         return cls(counts={}, records=[])
 
     def add(self, record: Mapping[str, Any]) -> None:
-        self.last = dict(record)
         self.counts[record["kind"]] = self.counts.get(record["kind"], 0) + 1
         if len(self.records) < RECORDS_PER_BATCH:
             self.records.append(dict(record))
@@ -72,9 +79,47 @@ class BadDataLog:
 
 def format_record(record: Mapping[str, Any]) -> str:
     what = f"sample {record['key']!r}" if record.get("key") else "a sample"
+    if record["kind"] in KEPT_KINDS:
+        return f"kept {what} of {record['shard']} without its label: {record['kind']}: {record['reason']}"
     if record["kind"] in ("unreadable_shard", "truncated_tar"):
         what = f"the rest of the shard after sample {record['key']!r}" if record.get("key") else "the shard"
     return f"skipped {what} of {record['shard']}: {record['kind']}: {record['reason']}"
+
+
+class BadStreak:
+    """Bad samples in a row, by kind, with the first record of each kind: what a stream that gives up
+    names (the most frequent kind and one of its samples)."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+        self.examples: dict[str, tuple[dict[str, Any], Any]] = {}  # kind -> (record, origin)
+
+    def __len__(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, record: Mapping[str, Any], origin: Any = None) -> None:
+        """Count `record`; `origin` (what the caller needs to look at the sample again) is kept with the
+        first record of each kind."""
+        self.counts[record["kind"]] += 1
+        self.examples.setdefault(record["kind"], (dict(record), origin))
+
+    def clear(self) -> None:
+        self.counts.clear()
+        self.examples.clear()
+
+    def most_common(self) -> tuple[dict[str, Any], Any]:
+        """(record, origin) of the first sample of the most frequent kind (the earliest kind on a tie)."""
+        return self.examples[self.counts.most_common(1)[0][0]]
+
+    def message(self, hint: str = "") -> str:
+        """One line: how many, the most frequent kind, one of its samples, and `hint` (a likely fix)."""
+        example, _ = self.most_common()
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.counts.most_common())
+        line = (
+            f"{len(self)} bad samples in a row ({kinds}), e.g. sample {example['key']!r} of "
+            f"{example['shard']}: {example['reason']}"
+        )
+        return " ".join(f"{line}{f'; {hint}' if hint else ''}".split())
 
 
 class BadDataTally:
@@ -115,8 +160,14 @@ class BadDataTally:
         return {"total": self.total, "counts": self.ordered_counts(), "examples": self.examples}
 
     def format(self) -> str:
-        """One line: "bad data skipped: 3 bad_image, 1 truncated_tar" or "no bad data"."""
+        """One line: "bad data skipped: 3 bad_image, 1 truncated_tar", then "2 bad_label kept without
+        their label" when there are such, or "no bad data"."""
         counts = self.ordered_counts()
         if not counts:
             return "no bad data"
-        return "bad data skipped: " + ", ".join(f"{n} {kind}" for kind, n in counts.items())
+        skipped = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind not in KEPT_KINDS)
+        kept = ", ".join(f"{n} {kind}" for kind, n in counts.items() if kind in KEPT_KINDS)
+        parts = [f"bad data skipped: {skipped}"] if skipped else []
+        if kept:
+            parts.append(f"{'' if skipped else 'bad data: '}{kept} kept without their label")
+        return "; ".join(parts)

@@ -1,13 +1,16 @@
 """Stack decoded samples into a batch with per-modality presence masks.
 
-A decoded sample is a dict with `__key__`, `label` (int, -1 when unknown) and, for every modality the
-stream was configured with, either a tensor or None (the sample lacks that modality). A missing
+A decoded sample is a dict with `__key__`, `__url__` (its shard), `label` (a class id, a class name, or
+None / -1 when it has none) and, for every modality the stream was configured with, either a tensor or
+None (the sample lacks that modality). A missing
 modality becomes a zero row and `present[modality] = False`, so every batch has the same keys and
 shapes and the towers can mask the absent rows out.
 
 Batch format (B samples):
     __key__   list[str]
-    label     LongTensor [B]              (-1 where a sample has no label)
+    __url__   list[str]                   the shard of each sample ("" when not known)
+    label     LongTensor [B]              class id; -1 where a sample has no label or a class name
+    label_name list[str]                  class name; "" where a sample has none (training ignores both)
     image     FloatTensor [B, 3, H, W]    )
     text      LongTensor [B, L]           ) only the configured modalities (L may be trimmed)
     audio     FloatTensor [B, M, F]       )
@@ -37,9 +40,12 @@ def collate(
     """
     if not samples:
         raise ValueError("collate got an empty list of samples")
+    labels = [s.get("label") for s in samples]
     batch: dict[str, Any] = {
         "__key__": [str(s["__key__"]) for s in samples],
-        "label": torch.tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long),  # [B]
+        "__url__": [str(s.get("__url__") or "") for s in samples],
+        "label": torch.tensor([y if isinstance(y, int) else -1 for y in labels], dtype=torch.long),  # [B]
+        "label_name": [y if isinstance(y, str) else "" for y in labels],
         "present": {},
     }
     for modality in MODALITIES:

@@ -7,6 +7,7 @@ shard and the key; the stream skips it and carries on. Programming errors are no
 """
 
 import json
+import shlex
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,19 +72,37 @@ class _Fields:
         return None
 
 
-def _label(fields: _Fields, layout: Layout) -> int:
+def read_label(raw: Mapping[str, Any], layout: Layout) -> int | str | None:
+    """The sample's label under `layout`: a class id (int >= 0), a class name (str), or None (absent).
+
+    A JSON integer is an id and a JSON string a name; a file (`cls`) or a JSON string holding a decimal
+    integer is an id too ("3" -> 3), any other non-empty string is a name (stripped). A negative id or
+    an empty string counts as absent. Anything else (a float, a list, an object, true/false, bytes
+    that are not UTF-8) raises BadSample("bad_label").
+    """
+    return _label(_Fields(raw), layout)
+
+
+def _label(fields: _Fields, layout: Layout) -> int | str | None:
     found = fields.find(layout.label)
     if found is None:
-        return -1
+        return None
     entry, value = found
     if isinstance(value, bytes):
         try:
-            value = int(value.decode("utf-8").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise fields.bad("bad_json", f"label in {entry} is not an integer: {value[:40]!r}") from None
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise fields.bad("bad_label", f"label in {entry} is not UTF-8: {value[:40]!r}") from None
+    if isinstance(value, str):
+        value = value.strip()
+        try:
+            value = int(value)
+        except ValueError:
+            return value or None  # a class name
     if isinstance(value, bool) or not isinstance(value, int):
-        raise fields.bad("bad_json", f"label in {entry} is not an integer: {value!r}")
-    return value
+        what = f"{type(value).__name__} {json.dumps(value)[:60]}"
+        raise fields.bad("bad_label", f"label in {entry} is a {what}, not an integer or a class name")
+    return value if value >= 0 else None
 
 
 def _caption(fields: _Fields, entry: str, value: Any, train: bool, generator: torch.Generator | None) -> str:
@@ -114,7 +133,9 @@ def decode_sample(
     generator: torch.Generator | None = None,
     templates: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Raw sample -> {"__key__", "label", modality: tensor or None (absent)} for cfg's modalities.
+    """Raw sample -> {"__key__", "__url__", "label", modality: tensor or None (absent)} for cfg's
+    modalities. "label" is a class id, a class name or None (see read_label); a bad label does not make
+    the sample bad: its label is None and its record is under "__bad__" (one BadSample record).
 
     `layout` defaults to cfg.layout. `generator` drives the random choices of training (audio crop,
     caption pick). With `templates` (see `templates()`), every tensor's shape and dtype is checked.
@@ -129,7 +150,13 @@ def decode_sample(
         wanted = {m: layout.entries(m) for m in found}
         raise fields.bad("no_modality", f"it has {have}; layout {layout.name!r} looks for {wanted}")
 
-    out: dict[str, Any] = {"__key__": fields.key, "label": _label(fields, layout)}
+    out: dict[str, Any] = {"__key__": fields.key, "__url__": fields.url, "label": None}
+    try:
+        out["label"] = _label(fields, layout)
+    except BadSample as exn:
+        if exn.kind != "bad_label":
+            raise
+        out["__bad__"] = [exn.record()]
     for modality, hit in found.items():
         if hit is None:
             out[modality] = None
@@ -196,6 +223,29 @@ def _matches(raw: Mapping[str, Any], layout: Layout, modalities: tuple[str, ...]
     return found
 
 
+def _reads(raw: Mapping[str, Any], layout: Layout, modalities: tuple[str, ...]) -> int:
+    """How many of `modalities` `layout` reads from `raw` (0 when the sample is bad under it)."""
+    try:
+        present = inspect_sample(raw, layout)
+    except BadSample:
+        return 0
+    return sum(m in present for m in modalities)
+
+
+def layout_hint(raw: Mapping[str, Any], modalities: tuple[str, ...], layout: Layout, setting: str) -> str:
+    """A likely fix, in a few words, for a sample (every file loaded) that is bad under `layout`: the
+    presets that read it, best first, as `setting=name`; else how to look closer."""
+    held = "/".join(sorted(k for k in raw if not k.startswith("__"))) or "no files"
+    reads = {name: _reads(raw, p, modalities) for name, p in PRESETS.items() if p != layout}
+    fits = sorted((name for name, n in reads.items() if n), key=lambda name: -reads[name])
+    if fits:
+        return f"the shards hold {held}: try " + " or ".join(f"{setting}={name}" for name in fits)
+    verify = (
+        f"mmssl shards --verify {shlex.quote(str(raw.get('__url__')))} --layout {shlex.quote(layout.name)}"
+    )
+    return f"the shards hold {held}: see what is wrong with `{verify}`"
+
+
 def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]]:
     """Fail at start-up, with one clear message, when a source's shards or layout match nothing.
 
@@ -258,10 +308,10 @@ def check_layout(cfg: StreamConfig, *, samples: int = 16) -> list[dict[str, Any]
 def inspect_sample(raw: Mapping[str, Any], layout: Layout) -> tuple[str, ...]:
     """The modalities a raw sample holds under `layout`, each decoded (no transforms) to prove it readable.
 
-    Captions are checked as in evaluation (the first of a list). Raises BadSample like decode_sample.
+    Captions are checked as in evaluation (the first of a list). Raises BadSample like decode_sample;
+    the label is not read (see read_label).
     """
     fields = _Fields(raw)
-    _label(fields, layout)
     found = {m: fields.find(layout.entries(m)) for m in MODALITIES if layout.entries(m)}
     present = tuple(m for m, hit in found.items() if hit is not None)
     if not present:

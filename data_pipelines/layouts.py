@@ -4,10 +4,13 @@ An entry names a file extension ("jpg") or a field of the sample's JSON file ("j
 modality the first entry a sample has wins. A JSON text field may hold one caption or a list of
 captions (LAION-Audio / CLAP): training picks one at random (seeded per sample), evaluation the first.
 
-Presets:
-    mmssl        image png/jpg/jpeg/webp, text txt or json "text", audio flac/wav/ogg/mp3, label json "label"
-    img2dataset  image jpg/png/webp/jpeg, text txt (its json holds url/size metadata, no label)
+Presets (every one reads a label from json "label" or a cls file, when the sample has one):
+    mmssl        image png/jpg/jpeg/webp, text txt or json "text", audio flac/wav/ogg/mp3
+    img2dataset  image jpg/png/webp/jpeg, text txt or json "caption" (its json also holds key, url,
+                 status, sizes, exif, sha256...: fields no layout entry names are never read)
     clap         audio flac/wav/ogg/mp3, text json "text" (a list of captions)
+
+A label is a class id (an integer) or a class name (a string); see decode.read_label.
 
 A layout can also be written as a string, e.g. "image=jpg,png;text=json:caption;audio=flac", which is
 what a command line or a JSON config gives.
@@ -58,7 +61,9 @@ PRESETS: dict[str, Layout] = {
     "mmssl": Layout(
         name="mmssl", image=("png", "jpg", "jpeg", "webp"), text=("txt", "json:text"), audio=_AUDIO
     ),
-    "img2dataset": Layout(name="img2dataset", image=("jpg", "png", "webp", "jpeg"), text=("txt",)),
+    "img2dataset": Layout(
+        name="img2dataset", image=("jpg", "png", "webp", "jpeg"), text=("txt", "json:caption")
+    ),
     "clap": Layout(name="clap", text=("json:text",), audio=_AUDIO),
 }
 

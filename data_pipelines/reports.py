@@ -43,6 +43,22 @@ def format_write_summary(summary: dict[str, Any], *, max_rows: int = 20) -> str:
     return "\n".join(lines)
 
 
+def _labels(report: dict[str, Any]) -> str:
+    """ "integer 0, name 12 (3 classes: cat, dog, fox), absent 2, bad 1", and a warning when a split
+    mixes integers and names (evaluation refuses that)."""
+    counts = report["labels"]
+    names = report["label_names"]
+    shown = ", ".join(list(names)[:10]) + (", ..." if len(names) > 10 else "")
+    parts = [f"{kind} {n}" + (f" ({len(names)} classes: {shown})" if kind == "name" and n else "")
+             for kind, n in counts.items()]  # fmt: skip
+    mixed = (
+        "; integers and names mixed: evaluation refuses such a split"
+        if counts["integer"] and counts["name"]
+        else ""
+    )
+    return ", ".join(parts) + mixed
+
+
 def format_verify_report(report: dict[str, Any], *, max_bad: int = 50) -> str:
     """verify_shards' counts per modality, every unreadable shard and (up to max_bad) bad samples."""
     lines = [
@@ -51,6 +67,7 @@ def format_verify_report(report: dict[str, Any], *, max_bad: int = 50) -> str:
         "  modalities: " + ", ".join(f"{m} {n}" for m, n in report["modalities"].items()),
         "  combinations: " + ", ".join(f"{c} {n}" for c, n in report["combinations"].items()),
         "  file extensions: " + ", ".join(f"{e} {n}" for e, n in report["extensions"].items()),
+        "  labels: " + _labels(report),
     ]
     if report["bad"]:
         kinds = ", ".join(f"{n} {kind}" for kind, n in report["bad_counts"].items())
@@ -59,6 +76,12 @@ def format_verify_report(report: dict[str, Any], *, max_bad: int = 50) -> str:
             lines.append(f"  {bad['shard']} {bad['key']}: {bad['kind']}: {bad['reason']}")
         if len(report["bad"]) > max_bad:
             lines.append(f"  ... {len(report['bad']) - max_bad} more")
+    for bad in report["bad_labels"][:max_bad]:
+        lines.append(
+            f"  {bad['shard']} {bad['key']}: {bad['kind']} (sample kept, without it): {bad['reason']}"
+        )
+    if len(report["bad_labels"]) > max_bad:
+        lines.append(f"  ... {len(report['bad_labels']) - max_bad} more bad labels")
     for shard in report["unreadable"]:
         after = f" after sample {shard['key']!r}" if shard["key"] else ""
         lines.append(f"UNREADABLE {shard['shard']}{after}: {shard['kind']}: {shard['reason']}")

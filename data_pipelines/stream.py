@@ -31,10 +31,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipelines.bad_data import BadDataLog, BadDataTally, BadSample, format_record
+from data_pipelines.bad_data import BadDataError, BadDataLog, BadDataTally, BadSample, BadStreak
 from data_pipelines.collate import collate
 from data_pipelines.config import StreamConfig
-from data_pipelines.decode import check_layout, decode_sample, templates, wanted_files
+from data_pipelines.decode import check_layout, decode_sample, layout_hint, templates, wanted_files
 from data_pipelines.position import LoaderPosition, restore
 from data_pipelines.remote import mask
 from data_pipelines.tario import SampleRef, ShardError, expand_shards, scan_shard
@@ -145,7 +145,7 @@ class _Dataset(torch.utils.data.IterableDataset):
                 yield ref, [round_, taken]
             empty_rounds = 0 if taken else empty_rounds + 1
             if empty_rounds >= 20:
-                raise RuntimeError(
+                raise BadDataError(
                     mask(
                         f"source {source} ({self.cfg.source_list()[source].shards!r}): 20 rounds in a row "
                         f"found no readable sample (last shards drawn: {chosen})"
@@ -154,7 +154,7 @@ class _Dataset(torch.utils.data.IterableDataset):
             round_, offset = round_ + 1, 0
 
     def _decode(
-        self, ref: SampleRef, source: int, seed: int | None, log: BadDataLog
+        self, ref: SampleRef, source: int, seed: int | None, log: BadDataLog, streak: BadStreak | None = None
     ) -> dict[str, Any] | None:
         try:
             if ref.problem:
@@ -166,7 +166,7 @@ class _Dataset(torch.utils.data.IterableDataset):
                     "unreadable_shard", ref.url, ref.key, f"{type(exn).__name__}: {exn}"
                 ) from exn
             generator = None if seed is None else torch.Generator().manual_seed(seed)
-            return decode_sample(
+            sample = decode_sample(
                 raw,
                 self.cfg,
                 layout=self.layouts[source],
@@ -175,23 +175,50 @@ class _Dataset(torch.utils.data.IterableDataset):
                 templates=self.templates,
             )
         except (BadSample, ShardError) as exn:
-            log.add({"kind": exn.kind, "shard": exn.url, "key": exn.key, "reason": exn.reason})
+            record = {"kind": exn.kind, "shard": exn.url, "key": exn.key, "reason": exn.reason}
+            log.add(record)
+            if streak is not None:
+                streak.add(record, (ref, source))
             return None
+        for record in sample.pop("__bad__", ()):  # kept: a bad label only
+            log.add(record)
+        return sample
+
+    def _give_up(self, streak: BadStreak) -> str:
+        """The one-line error of a stream that met `max_bad_in_a_row` bad samples in a row, with a likely
+        fix read off an example of the most frequent kind."""
+        ref, source = streak.most_common()[1]
+        try:
+            raw = ref.load()
+        except OSError:
+            return streak.message()
+        # the setting's name as mmssl spells it: the one user of this message
+        setting = "data.layout" if len(self.urls) == 1 else f"data.sources[{source}].layout"
+        return streak.message(layout_hint(raw, self.cfg.modalities(), self.layouts[source], setting))
 
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         return collate(samples, templates=self.templates, trim_text=self.cfg.trim_text)
 
     def _train(self, stream: int) -> Iterator[dict[str, Any]]:
+        """The training batches of one logical stream; when it cannot go on, a last batch holding only
+        "__error__" (a one-line message) and the bad-data records, which StreamLoader raises as
+        BadDataError in the training process (a worker's own exception would reach it as a traceback)."""
+        log = BadDataLog.empty()
+        try:
+            yield from self._train_batches(stream, log)
+        except BadDataError as exn:
+            yield {"__error__": str(exn), **log.take()}
+
+    def _train_batches(self, stream: int, log: BadDataLog) -> Iterator[dict[str, Any]]:
         cfg, generation = self.cfg, self.start.generation
         base = (cfg.seed, generation, self.rank, stream)
         saved = self.start.streams[stream] or {}
         n, batches = saved.get("n", 0), saved.get("batches", 0)
         positions = [list(p) for p in saved.get("sources", [[0, 0]] * len(self.urls))]
-        log = BadDataLog.empty()
         readers = [self._rounds(base, s, *positions[s], log) for s in range(len(self.urls))]
         choices, chunk = np.zeros(0, dtype=np.int64), -1
         samples: list[dict[str, Any]] = []
-        bad_in_a_row = 0
+        streak = BadStreak()
         while True:
             if len(self.urls) > 1 and n // _MIX_CHUNK != chunk:
                 chunk = n // _MIX_CHUNK
@@ -199,17 +226,13 @@ class _Dataset(torch.utils.data.IterableDataset):
                 choices = mix_rng.choice(len(self.urls), size=_MIX_CHUNK, p=self.weights)
             source = int(choices[n % _MIX_CHUNK]) if len(self.urls) > 1 else 0
             ref, positions[source] = next(readers[source])
-            sample = self._decode(ref, source, _seed(*base, "sample", n), log)
+            sample = self._decode(ref, source, _seed(*base, "sample", n), log, streak)
             n += 1
             if sample is None:
-                bad_in_a_row += 1
-                if bad_in_a_row >= cfg.max_bad_in_a_row:
-                    raise RuntimeError(
-                        f"{bad_in_a_row} bad samples in a row (StreamConfig.max_bad_in_a_row); the last: "
-                        f"{format_record(log.last) if log.last else ref.key}"
-                    )
+                if len(streak) >= cfg.max_bad_in_a_row:
+                    raise BadDataError(mask(self._give_up(streak)))
                 continue
-            bad_in_a_row = 0
+            streak.clear()
             samples.append(sample)
             if len(samples) == cfg.batch_size:
                 batches += 1
@@ -268,7 +291,8 @@ class StreamLoader:
     "__position__" (position.py). As batches are handed out, `bad_data` totals them (and logs the
     records) and, in training, `position` records them; `state_dict()` is what a checkpoint saves.
     A training loader is one endless stream (iterating it again continues where the last loop stopped);
-    an eval loader reads its shards once per iteration.
+    an eval loader reads its shards once per iteration. A training stream that cannot go on (too many
+    bad samples in a row, or no readable sample in its shards) raises BadDataError, one line.
     """
 
     def __init__(self, cfg: StreamConfig, dataset: _Dataset, bad_counts: dict[str, int]) -> None:
@@ -293,6 +317,8 @@ class StreamLoader:
             if batch is None:
                 return
             self.bad_data.update(batch)
+            if "__error__" in batch:
+                raise BadDataError(batch["__error__"])
             if batch.get("__carrier__"):
                 continue
             if self.cfg.train:

@@ -2,7 +2,8 @@
 
 `verify_shards` returns data and prints nothing (except a tqdm bar when asked); the CLI formats it.
 Exit-code rule (`verify_exit_code`): 1 when any shard is unreadable (cannot be opened, not a tar, or
-ends early), else 0; with strict=True also 1 when any sample is bad or a sizes.json count disagrees.
+ends early), else 0; with strict=True also 1 when any sample or label is bad or a sizes.json count
+disagrees.
 """
 
 import os
@@ -12,7 +13,7 @@ from typing import Any
 from tqdm import tqdm
 
 from data_pipelines.bad_data import BAD_KINDS, BadSample
-from data_pipelines.decode import inspect_sample
+from data_pipelines.decode import inspect_sample, read_label
 from data_pipelines.layouts import Layout, resolve_layout
 from data_pipelines.remote import mask
 from data_pipelines.shards import read_sizes
@@ -34,6 +35,10 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
         extensions      {ext: samples holding a file with it} (to pick a layout)
         bad             [{"shard", "key", "kind", "reason"}] every bad sample, in order
         bad_counts      {kind: n}
+        labels          {"integer", "name", "absent", "bad"}: good samples by the kind of their label
+        label_names     {name: good samples} for class-name labels
+        bad_labels      [{"shard", "key", "kind", "reason"}] every good sample with a bad label (kept
+                        by training, without its label)
         unreadable      [{"shard", "kind", "key" (last good sample or None), "reason"}]
         sizes_mismatch  [{"shard", "sizes_json", "read"}] where a sizes.json count disagrees
         per_shard       {shard: {"samples", "bad"}}
@@ -51,6 +56,9 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
         "extensions": {},
         "bad": [],
         "bad_counts": {},
+        "labels": {"integer": 0, "name": 0, "absent": 0, "bad": 0},
+        "label_names": {},
+        "bad_labels": [],
         "unreadable": [],
         "sizes_mismatch": [],
         "per_shard": {},
@@ -58,6 +66,7 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
     combos: Counter[str] = Counter()
     extensions: Counter[str] = Counter()
     bad_counts: Counter[str] = Counter()
+    names: Counter[str] = Counter()
     sizes_cache: dict[str, dict[str, int]] = {}
     bar = tqdm(urls, desc="verifying", unit="shard", disable=not progress)
     for url in bar:
@@ -70,7 +79,8 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
                 try:
                     if ref.problem:
                         raise BadSample("duplicate_file", url, ref.key, ref.problem)
-                    present = inspect_sample(ref.load(), layout)
+                    raw = ref.load()
+                    present = inspect_sample(raw, layout)
                 except BadSample as exn:
                     bad += 1
                     bad_counts[exn.kind] += 1
@@ -81,6 +91,7 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
                 combos["+".join(present)] += 1
                 for modality in present:
                     report["modalities"][modality] += 1
+                _count_label(raw, layout, report, names)
         except ShardError as exn:
             report["unreadable"].append(
                 {"shard": shown, "kind": exn.kind, "key": exn.key, "reason": exn.reason}
@@ -106,13 +117,29 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
     report["combinations"] = dict(combos.most_common())
     report["extensions"] = dict(extensions.most_common())
     report["bad_counts"] = {k: bad_counts[k] for k in BAD_KINDS if bad_counts[k]}
+    report["label_names"] = dict(sorted(names.items()))
     return report
+
+
+def _count_label(raw: dict[str, Any], layout: Layout, report: dict[str, Any], names: Counter[str]) -> None:
+    try:
+        label = read_label(raw, layout)
+    except BadSample as exn:  # only bad_label: the JSON parsed when the modalities were read
+        report["labels"]["bad"] += 1
+        report["bad_labels"].append(
+            {"shard": exn.url, "key": exn.key, "kind": exn.kind, "reason": exn.reason}
+        )
+        return
+    kind = "absent" if label is None else "name" if isinstance(label, str) else "integer"
+    report["labels"][kind] += 1
+    if isinstance(label, str):
+        names[label] += 1
 
 
 def verify_exit_code(report: dict[str, Any], *, strict: bool = False) -> int:
     """1 when a shard is unreadable (or, with strict, anything is bad or miscounted), else 0."""
     if report["unreadable"]:
         return 1
-    if strict and (report["bad"] or report["sizes_mismatch"]):
+    if strict and (report["bad"] or report["bad_labels"] or report["sizes_mismatch"]):
         return 1
     return 0

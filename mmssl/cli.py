@@ -182,7 +182,7 @@ def _check_shards(spec: str, what: str) -> None:
 
 def eval_setup(args: argparse.Namespace):
     """Everything ``eval`` needs that can be wrong, checked before any weight is read or rank started."""
-    from mmssl import checkpoint, evaluate, zeroshot
+    from mmssl import checkpoint, data, evaluate, zeroshot
 
     cfg, run_dir = checkpoint.find_config(args.checkpoint)
     apply_overrides(cfg, args.overrides)
@@ -190,20 +190,27 @@ def eval_setup(args: argparse.Namespace):
     cfg.data.eval_shards = args.data or cfg.data.eval_shards
     if not cfg.data.eval_shards:
         raise ValueError("no evaluation data: pass --data SHARDS")
-    _check_shards(cfg.data.eval_shards, "--data" if args.data else "data.eval_shards")
-    probe = None
+    what = "--data" if args.data else "data.eval_shards"
+    _check_shards(cfg.data.eval_shards, what)
+    layout = cfg.data.eval_layout_name()  # data.eval_layout, else the run's training layout
+    try:
+        data.check_layout(data.stream_config(cfg, train=False))
+    except ValueError as e:
+        raise ValueError(f"{what} (layout {layout}): {e}") from None
+    probe, probe_layout = None, None
     if args.probe_data and not args.no_probe:
         _check_shards(args.probe_data, "--probe-data")
         probe = args.probe_data
     elif not args.no_probe and cfg.data.train_shards:
         with contextlib.suppress(ValueError):  # the run's train split, when it is still there
             _check_shards(cfg.data.train_shards, "data.train_shards")
-            probe = cfg.data.train_shards
+            probe, probe_layout = cfg.data.train_shards, cfg.data.layout
     templates = zeroshot.DEFAULT_TEMPLATES
     if args.templates:
         templates = zeroshot.check_templates(tuple(zeroshot.read_list(args.templates)))
     plan = evaluate.EvalPlan(
         probe_shards=probe,
+        probe_layout=probe_layout,
         classes=zeroshot.read_list(args.classes) if args.classes else None,
         templates=templates,
         zeroshot=not args.no_zeroshot,
@@ -232,9 +239,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with user_errors():
         model = checkpoint.load(args.checkpoint).model
     if rank == 0:
-        shown = mask(cfg.data.eval_shards)
-        print(f"evaluating {args.checkpoint} on {shown} ({world_size} rank(s))", flush=True)
-    evaluate.run_eval(model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size)
+        where = f"{mask(cfg.data.eval_shards)} (layout {cfg.data.eval_layout_name()}, {world_size} rank(s))"
+        print(f"evaluating {args.checkpoint} on {where}", flush=True)
+    with user_errors():  # the data's own mistakes (no sample, labels of two kinds) are the user's too
+        evaluate.run_eval(
+            model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size
+        )
     if worker:
         engine.shutdown()
     if rank == 0:
@@ -424,7 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "nproc", 1) < 1:
         print("mmssl: error: --nproc must be >= 1", file=sys.stderr)
         return 2
-    return args.func(args)
+    from data_pipelines import BadDataError
+
+    try:
+        return args.func(args)
+    except BadDataError as e:  # the data ran out of usable samples: one line (it names a sample and a fix)
+        print(f"mmssl: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

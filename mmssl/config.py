@@ -267,13 +267,14 @@ class DataConfig:
 
     Training reads ``train_shards`` with ``layout``, or a weighted mix of ``sources`` (then
     ``train_shards`` stays empty), e.g. ``data.sources=[{"shards": "laion/", "layout": "img2dataset"},
-    {"shards": "clap/", "layout": "clap", "weight": 0.5}]``."""
+    {"shards": "clap/", "layout": "clap", "weight": 0.5}]``. Evaluation reads ``eval_shards`` with
+    ``eval_layout``, which follows the training layout unless set (see ``eval_layout_name``)."""
 
     train_shards: str = ""
     layout: str = "mmssl"
     sources: tuple[SourceConfig, ...] = ()
     eval_shards: str = ""
-    eval_layout: str = "mmssl"
+    eval_layout: str = ""  # "": the training layout (the sources' one, when they share it)
     num_workers: int = 1
     shuffle_buffer: int = 1000
     shards_per_round: int = 4
@@ -303,6 +304,24 @@ class DataConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
         _positive(self, path, "shuffle_buffer", "shards_per_round")
+        if self.eval_shards:
+            self.eval_layout_name(path)
+
+    def eval_layout_name(self, path: str = "data") -> str:
+        """The layout of the evaluation shards: ``eval_layout`` when set, else the training layout:
+        ``layout``, or with ``sources`` the layout they all share (sources of several layouts leave
+        no default: then ``eval_layout`` must be set)."""
+        if self.eval_layout:
+            return self.eval_layout
+        if not self.sources:
+            return self.layout
+        layouts = sorted({s.layout for s in self.sources})
+        if len(layouts) > 1:
+            raise ValueError(
+                f"{path}.eval_layout: the training sources have layouts {layouts}, so the evaluation "
+                f"shards' layout cannot follow them: set {path}.eval_layout (e.g. {path}.eval_layout={layouts[0]})"
+            )
+        return layouts[0]
 
 
 @dataclass(kw_only=True)

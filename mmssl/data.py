@@ -33,8 +33,16 @@ def tokenizer(cfg: RunConfig) -> ClipTokenizer | None:
 
 
 def stream_config(
-    cfg: RunConfig, *, train: bool, shards: str | None = None, batch_size: int | None = None
+    cfg: RunConfig,
+    *,
+    train: bool,
+    shards: str | None = None,
+    layout: str | None = None,
+    batch_size: int | None = None,
 ) -> StreamConfig:
+    """The stream of the run's training data (or of ``shards``), or with ``train=False`` of its
+    evaluation data (or of ``shards``) read with ``data.eval_layout`` (which follows the training
+    layout unless set); ``layout`` overrides either."""
     m, d = cfg.model, cfg.data
     audio = None
     if m.audio is not None:
@@ -49,7 +57,10 @@ def stream_config(
             augment=augment if augment != AudioAugment() else None,  # off: no random draws at all
         )
     if shards or not train:
-        where = {"shards": shards or d.eval_shards, "layout": d.layout if train else d.eval_layout}
+        where = {
+            "shards": shards or d.eval_shards,
+            "layout": layout or (d.layout if train else d.eval_layout_name()),
+        }
     elif d.sources:
         where = {"sources": tuple(dataclasses.asdict(s) for s in d.sources)}
     else:

@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data_pipelines import expand_shards
-from mmssl import data, probe, report, zeroshot
+from mmssl import data, labels, probe, report, zeroshot
 from mmssl.config import EvalConfig, RunConfig
 from mmssl.encoders.text import PAD_ID
 from mmssl.model import MultimodalModel
@@ -41,10 +41,12 @@ from mmssl.model import MultimodalModel
 @dataclass
 class Embeddings:
     emb: dict[str, Tensor]  # modality -> [N, E], normalised; rows of samples lacking it are zero
-    labels: Tensor  # [N], -1 where unknown
+    labels: Tensor  # [N] class ids, -1 where unknown (or a class name not yet mapped: mmssl.labels)
     keys: list[str] = field(default_factory=list)
     present: dict[str, Tensor] = field(default_factory=dict)  # modality -> [N] bool; absent: all rows
     text: Tensor | None = None  # [N, L] token ids, to detect repeated captions
+    label_names: list[str] = field(default_factory=list)  # [N] class names, "" where none; empty: none
+    shards: list[str] = field(default_factory=list)  # [N] each sample's shard, for messages
 
     def mask(self, modality: str) -> Tensor:
         """``[N]`` bool: the samples that carry ``modality``."""
@@ -58,6 +60,8 @@ class Embeddings:
             keys=[self.keys[i] for i in index.tolist()] if self.keys else [],
             present={m: p[index] for m, p in self.present.items()},
             text=None if self.text is None else self.text[index],
+            label_names=[self.label_names[i] for i in index.tolist()] if self.label_names else [],
+            shards=[self.shards[i] for i in index.tolist()] if self.shards else [],
         )
 
     def sorted_by_key(self) -> Embeddings:
@@ -107,7 +111,7 @@ def embed_all(
     model.eval()
     chunks: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
     present: dict[str, list[Tensor]] = {m: [] for m in model.modalities}
-    labels, keys, texts = [], [], []
+    labels, keys, texts, names, shards = [], [], [], [], []
     stream = iter(batches)
     bar = tqdm(desc="embed", unit="batch", disable=not progress, leave=False)
     while True:
@@ -128,6 +132,8 @@ def embed_all(
             present[m].append(mask)
         labels.append(batch["label"])
         keys.extend(batch["__key__"])
+        names.extend(batch.get("label_name", [""] * len(batch["__key__"])))
+        shards.extend(batch.get("__url__", [""] * len(batch["__key__"])))
         if "text" in batch:
             texts.append(batch["text"])
     bar.close()
@@ -139,6 +145,8 @@ def embed_all(
         keys=keys,
         present={m: torch.cat(p) if p else torch.zeros(0, dtype=torch.bool) for m, p in present.items()},
         text=cat_tokens(texts) if texts else None,
+        label_names=names,
+        shards=shards,
     )
 
 
@@ -167,6 +175,8 @@ def gather(part: Embeddings, world_size: int) -> Embeddings:
         keys=[k for p in parts for k in p.keys],
         present={m: torch.cat([p.present[m] for p in parts]) for m in part.present},
         text=None if any(t is None for t in text) else cat_tokens(text),
+        label_names=[n for p in parts for n in p.label_names],
+        shards=[u for p in parts for u in p.shards],
     )
     return whole.sorted_by_key()
 
@@ -181,12 +191,16 @@ def embed_split(
     rank: int = 0,
     world_size: int = 1,
     progress: bool = True,
+    layout: str | None = None,
 ) -> Embeddings:
-    """Embed one split: this rank's shards, gathered from all ranks, in canonical order. A rank left
-    without a shard (fewer shards than ranks) embeds nothing but keeps in step."""
+    """Embed one split (read with ``layout``, default ``data.eval_layout``): this rank's shards,
+    gathered from all ranks, in canonical order. A rank left without a shard (fewer shards than ranks)
+    embeds nothing but keeps in step."""
     has_shard = rank < len(expand_shards(shards))
     batches = (
-        data.loader(cfg, train=False, shards=shards, rank=rank, world_size=world_size) if has_shard else []
+        data.loader(cfg, train=False, shards=shards, layout=layout, rank=rank, world_size=world_size)
+        if has_shard
+        else []
     )
     part = embed_all(
         model, batches, device=device, dtype=dtype, progress=progress and rank == 0, world_size=world_size
@@ -306,7 +320,10 @@ class EvalPlan:
 
     shards: str | None = None  # held-out shards (default: the run's data.eval_shards)
     probe_shards: str | None = None  # train split for the linear probe
-    classes: list[str] | None = None  # zero-shot class names (default: classes.json next to the shards)
+    probe_layout: str | None = None  # its layout (default: data.eval_layout)
+    # class names, in class-id order (default: classes.json next to the shards, else, for class-name
+    # labels, their sorted distinct names): zero-shot's classes, and what names map to (mmssl.labels)
+    classes: list[str] | None = None
     templates: tuple[str, ...] = zeroshot.DEFAULT_TEMPLATES
     zeroshot: bool = True
     metrics: Path | None = None  # the run's metrics.jsonl, for the loss curves
@@ -333,9 +350,18 @@ def run_eval(
     shards = shards or plan.shards or cfg.data.eval_shards
     kw = dict(device=device, dtype=dtype, rank=rank, world_size=world_size, progress=progress)
     test = embed_split(model, cfg, shards, **kw)
+    train = (
+        embed_split(model, cfg, plan.probe_shards, layout=plan.probe_layout, **kw)
+        if plan.probe_shards
+        else None
+    )
+    # every rank holds both whole splits: each maps the labels alike, and raises alike on a mistake
+    given, source = (plan.classes, "--classes") if plan.classes else zeroshot.find_classes(shards)
+    test, train, classes = labels.resolve(
+        test, given, source=source, where=shards, probe=train, probe_where=plan.probe_shards or ""
+    )
     prompts, prototypes, skipped = None, None, None
     if plan.zeroshot:
-        classes = plan.classes or zeroshot.find_classes(shards)
         if classes is None:
             skipped = "no class names: pass --classes or put classes.json by the shards"
         elif model.cfg.text is None:
@@ -343,7 +369,6 @@ def run_eval(
         else:
             prompts = zeroshot.Prompts(classes, plan.templates)
             prototypes = prompts.embed(model, data.tokenizer(cfg), device=device, dtype=dtype)  # [C, E]
-    train = embed_split(model, cfg, plan.probe_shards, **kw) if plan.probe_shards else None
 
     results = None
     if rank == 0:
@@ -356,7 +381,7 @@ def run_eval(
         if train is not None:
             results["probe"] = probe.evaluate(train, test, progress=progress)
             results["probe_shards"] = plan.probe_shards
-        write_report(results, test, out_dir, plan, class_names=prompts.classes if prompts else None)
+        write_report(results, test, out_dir, plan, class_names=classes)
         print(format_table(results), flush=True)
     if world_size > 1:
         box = [results]

@@ -5,8 +5,8 @@ sample is given the class whose prototype is most similar to its embedding. The 
 CLIP_benchmark's: top-1 and top-5 accuracy (top-5 only with 5 classes or more) and mean per-class
 recall (balanced accuracy); tests check them against its code on the same embeddings.
 
-Class names come from ``classes.json`` next to the shards (the demo writes one) or a file given by
-the user; templates from :data:`DEFAULT_TEMPLATES` or a file. A template holds ``{}`` (or ``{c}``,
+Class names come from a file given by the user, ``classes.json`` next to the shards (the demo writes
+one), or, when the samples' labels are class names, those names (``mmssl.labels``); templates from :data:`DEFAULT_TEMPLATES` or a file. A template holds ``{}`` (or ``{c}``,
 CLIP_benchmark's spelling) where the class name goes.
 
 Axis legend: N samples, C classes, T templates, E embedding dim, L tokens.
@@ -64,13 +64,14 @@ def read_list(path: str | Path) -> list[str]:
     return items
 
 
-def find_classes(shards: str) -> list[str] | None:
-    """``classes.json`` in the first shard's directory or its parent (the demo's layout), else None."""
+def find_classes(shards: str) -> tuple[list[str] | None, str]:
+    """(the names in ``classes.json`` in the first shard's directory or its parent (the demo's layout),
+    or None; the file's path, for messages)."""
     first = Path(expand_shards(shards)[0]).parent
     for folder in (first, first.parent):
         if (folder / "classes.json").is_file():
-            return read_list(folder / "classes.json")
-    return None
+            return read_list(folder / "classes.json"), str(folder / "classes.json")
+    return None, "classes.json"
 
 
 def check_templates(templates: tuple[str, ...]) -> tuple[str, ...]:

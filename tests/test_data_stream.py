@@ -105,7 +105,16 @@ def test_train_ranks_draw_different_sequences(shards, tokenizer):
 
 def test_modalities_not_configured_are_not_loaded(shards):
     batch = next(iter(build_loader(config(shards, train=False, num_workers=0, audio=None, text=False))))
-    assert set(batch) == {"__key__", "label", "image", "present", "__skipped__", "__bad__"}
+    assert set(batch) == {
+        "__key__",
+        "__url__",
+        "label",
+        "label_name",
+        "image",
+        "present",
+        "__skipped__",
+        "__bad__",
+    }
     assert set(batch["present"]) == {"image"} and batch["__skipped__"] == {} and batch["__bad__"] == []
 
 
