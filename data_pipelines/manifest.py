@@ -16,6 +16,7 @@ A row is skipped, with its line number, key, kind and reason, when:
     bad_label            the label is not an integer
     bad_extra            the extra column is not a JSON object
     no_modality          the row names no image, no audio and no (non-empty) text
+With dedup="exact" or "near", rows that repeat an earlier one are dropped first (data_pipelines/dedup.py).
 Each sample's JSON holds {"label"?, "text"? (list), "source": {"row", "image"?, "audio"?}, "extra"?}.
 """
 
@@ -34,6 +35,8 @@ import soundfile
 from PIL import Image
 from tqdm import tqdm
 
+from data_pipelines.dedup import REASONS, Duplicates
+from data_pipelines.dedup import check_mode as check_dedup
 from data_pipelines.shards import check_key, write_shards
 from data_pipelines.transforms import probe_audio, probe_image
 
@@ -147,6 +150,9 @@ class _Rows:
         column = self.cols[name]
         return None if column is None or _blank(row.get(column)) else row[column]
 
+    def skip(self, line_no: int, key: str, skip: _Skip) -> None:
+        self.skipped.append({"row": line_no, "key": key, "kind": skip.kind, "reason": skip.reason})
+
     def sample(self, line_no: int, key: str, row: dict[str, Any]) -> dict[str, Any]:
         sample: dict[str, Any] = {"__key__": key}
         meta: dict[str, Any] = {"source": {"row": line_no}}
@@ -178,11 +184,8 @@ class _Rows:
             if not isinstance(extra, dict):
                 raise _Skip("bad_extra", f"extra must be a JSON object, got {extra!r}"[:200])
             meta["extra"] = extra
-        present = [m for m in ("image", "audio") if m in meta["source"]]
-        present += ["text"] if "txt" in sample or "text" in meta else []
-        if not present:
+        if not _present(sample | {"json": meta}):
             raise _Skip("no_modality", "the row names no image, no audio and no text")
-        self.modalities.update(present)
         sample["json"] = meta
         return sample
 
@@ -192,10 +195,22 @@ class _Rows:
             try:
                 sample = self.sample(line_no, key, row)
             except _Skip as skip:
-                self.skipped.append({"row": line_no, "key": key, "kind": skip.kind, "reason": skip.reason})
+                self.skip(line_no, key, skip)
                 continue
+            self.modalities.update(_present(sample))
             self.written += 1
             yield sample
+
+
+def _present(sample: dict[str, Any]) -> list[str]:
+    """The modalities a built sample holds."""
+    source = sample["json"]["source"]
+    present = [m for m in ("image", "audio") if m in source]
+    return present + (["text"] if "txt" in sample or "text" in sample["json"] else [])
+
+
+def _media(sample: dict[str, Any], exts: dict[str, str]) -> bytes | None:
+    return next((sample[ext] for ext in exts.values() if ext in sample), None)
 
 
 def _split(units: list[str], test_fraction: float, seed: int) -> set[str]:
@@ -209,6 +224,9 @@ def _split(units: list[str], test_fraction: float, seed: int) -> set[str]:
         )
     order = np.random.default_rng(seed).permutation(len(units))
     return {units[i] for i in order[:n_test].tolist()}
+
+
+Row = tuple[int, str, dict[str, Any]]  # (line number, key, manifest row)
 
 
 def write_from_manifest(
@@ -227,6 +245,7 @@ def write_from_manifest(
     max_bytes: int = 2**30,
     test_fraction: float = 0.0,
     seed: int = 0,
+    dedup: str | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write out_dir/train (and out_dir/test when test_fraction > 0) shards + sizes.json from a manifest.
@@ -234,20 +253,67 @@ def write_from_manifest(
     `manifest` is a path, or a name inside `folder`. A column set to None is not read. Keys come from
     `key_col`, else from the row's position ("00000000", ...). The test split takes round(n *
     test_fraction) rows (at least one), chosen with `seed`; rows sharing a `group_col` value go to
-    the same split. Skipped rows are listed in out_dir/skipped.jsonl too.
+    the same split. Skipped rows are listed in out_dir/skipped.jsonl too. `dedup` ("exact" or "near",
+    see data_pipelines/dedup.py) first drops every repeat of an earlier row (before the split, so no
+    sample is in both splits) and lists them in out_dir/duplicates.jsonl; it reads every file twice.
 
     Returns {"folder", "manifest", "out_dir", "rows", "written", "splits" {name: write_shards()'s
     summary, or {"total": 0} when nothing was left}, "modalities" {m: samples}, "skipped" {kind: n},
-    "skipped_rows" [{"row", "key", "kind", "reason"}], "skipped_file", "seconds"}.
+    "skipped_rows" [{"row", "key", "kind", "reason"}], "skipped_file", "seconds"}, and with `dedup`
+    "duplicates" {reason: n}, "duplicate_rows" [{"row", "key", "reason", "of"}], "duplicates_file".
     Raises ValueError/FileNotFoundError for a missing folder or manifest, an empty manifest, one with
     none of the modality columns, or a split that leaves no training row; FileExistsError when
     out_dir/train or out_dir/test already holds shards (nothing is overwritten).
     """
     start = time.perf_counter()
+    _check_settings(test_fraction, max_count, max_bytes, dedup)
+    root, path = _find(folder, manifest)
+    cols = {"image": image_col, "audio": audio_col, "text": text_col, "label": label_col, "extra": extra_col}
+    rows_out = _Rows(root, cols)
+    rows, n_rows = _read_rows(path, rows_out, key_col, modality_cols=[image_col, audio_col, text_col])
+    duplicates: list[dict[str, Any]] = []
+    if dedup:
+        rows = _drop_duplicates(rows, rows_out, Duplicates(dedup), duplicates, progress=progress)
+    out = Path(out_dir)
+    splits = _write_splits(
+        _split_rows(rows, group_col, test_fraction, seed), rows_out, out,
+        max_count=max_count, max_bytes=max_bytes, progress=progress,
+    )  # fmt: skip
+    rows_out.skipped.sort(key=lambda s: s["row"])
+    counts = Counter(s["kind"] for s in rows_out.skipped)
+    summary = {
+        "folder": str(folder),
+        "manifest": str(path),
+        "out_dir": str(out),
+        "rows": n_rows,
+        "written": sum(s["total"] for s in splits.values()),
+        "splits": splits,
+        "modalities": {
+            m: rows_out.modalities[m] for m in ("image", "text", "audio") if rows_out.modalities[m]
+        },
+        "skipped": {k: counts[k] for k in SKIP_KINDS if counts[k]},
+        "skipped_rows": rows_out.skipped,
+        "skipped_file": _write_list(out / "skipped.jsonl", rows_out.skipped),
+    }
+    if dedup:
+        reasons = Counter(d["reason"] for d in duplicates)
+        summary["duplicates"] = {r: reasons[r] for r in REASONS if reasons[r]}
+        summary["duplicate_rows"] = duplicates
+        summary["duplicates_file"] = _write_list(out / "duplicates.jsonl", duplicates)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    return summary
+
+
+def _check_settings(test_fraction: float, max_count: int, max_bytes: int, dedup: str | None) -> None:
     if not 0.0 <= test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
     if max_count <= 0 or max_bytes <= 0:
         raise ValueError(f"max_count and max_bytes must be positive, got {max_count} and {max_bytes}")
+    check_dedup(dedup)
+
+
+def _find(folder: str | Path, manifest: str | Path) -> tuple[str, Path]:
+    """(the folder's real path, the manifest's path: as given, or inside the folder)."""
     root = os.path.realpath(folder)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"folder {folder} does not exist")
@@ -256,10 +322,15 @@ def write_from_manifest(
         path = Path(root) / path
     if not path.is_file():
         raise FileNotFoundError(f"manifest {manifest} does not exist (nor in {folder})")
-    cols = {"image": image_col, "audio": audio_col, "text": text_col, "label": label_col, "extra": extra_col}
-    rows_out = _Rows(root, cols)
+    return root, path
 
-    rows: list[tuple[int, str, dict[str, Any]]] = []
+
+def _read_rows(
+    path: Path, rows_out: _Rows, key_col: str | None, *, modality_cols: list[str | None]
+) -> tuple[list[Row], int]:
+    """The parseable rows with valid, unique keys (the others are recorded as skipped), and how many
+    rows the manifest has."""
+    rows: list[Row] = []
     columns: set[str] = set()
     n_rows = 0
     for index, (line_no, row, reason) in enumerate(read_manifest(path)):
@@ -278,28 +349,60 @@ def write_from_manifest(
                 raise _Skip("bad_row", str(exn)) from exn
             rows.append((line_no, key, row))
         except _Skip as skip:
-            rows_out.skipped.append({"row": line_no, "key": key, "kind": skip.kind, "reason": skip.reason})
+            rows_out.skip(line_no, key, skip)
     if n_rows == 0:
         raise ValueError(f"manifest {path} has no rows")
-    wanted = [c for c in (image_col, audio_col, text_col) if c is not None]
+    wanted = [c for c in modality_cols if c is not None]
     if rows and not columns & set(wanted):
         raise ValueError(
             f"manifest {path} has none of the columns {wanted}; its columns are {sorted(columns)}"
         )
+    return rows, n_rows
 
+
+def _drop_duplicates(
+    rows: list[Row], rows_out: _Rows, seen: Duplicates, dropped: list[dict[str, Any]], *, progress: bool
+) -> list[Row]:
+    """The rows that make a sample and repeat no earlier one, in manifest order. A row that makes no
+    sample is recorded as skipped here (so it hides no later row); each repeat goes to ``dropped``."""
+    kept = []
+    for line_no, key, row in tqdm(rows, desc="finding duplicates", unit="row", disable=not progress):
+        try:
+            sample = rows_out.sample(line_no, key, row)
+        except _Skip as skip:
+            rows_out.skip(line_no, key, skip)
+            continue
+        captions = [sample["txt"]] if "txt" in sample else sample["json"].get("text", [])
+        image, audio = _media(sample, _IMAGE_EXT), _media(sample, _AUDIO_EXT)
+        if (duplicate := seen.check(key, image=image, audio=audio, captions=captions)) is None:
+            kept.append((line_no, key, row))
+        else:
+            dropped.append({"row": line_no, "key": key, **duplicate})
+    return kept
+
+
+def _split_rows(
+    rows: list[Row], group_col: str | None, test_fraction: float, seed: int
+) -> dict[str, list[Row]]:
     def unit(key: str, row: dict[str, Any]) -> str:
         group = row.get(group_col) if group_col else None
         return f"group:{group}" if not _blank(group) else f"key:{key}"
 
     units = sorted({unit(key, row) for _, key, row in rows})
     test_units = _split(units, test_fraction, seed) if rows else set()
-    splits_rows = {"train": [r for r in rows if unit(r[1], r[2]) not in test_units]}
+    splits = {"train": [r for r in rows if unit(r[1], r[2]) not in test_units]}
     if test_fraction > 0:
-        splits_rows["test"] = [r for r in rows if unit(r[1], r[2]) in test_units]
+        splits["test"] = [r for r in rows if unit(r[1], r[2]) in test_units]
+    return splits
 
-    out = Path(out_dir)
+
+def _write_splits(
+    splits_rows: dict[str, list[Row]], rows_out: _Rows, out: Path, *, max_count: int, max_bytes: int,
+    progress: bool,
+) -> dict[str, Any]:  # fmt: skip
     splits: dict[str, Any] = {}
-    with tqdm(total=len(rows), desc="writing shards", unit="row", disable=not progress) as bar:
+    total = sum(len(r) for r in splits_rows.values())
+    with tqdm(total=total, desc="writing shards", unit="row", disable=not progress) as bar:
         for name, split_rows in splits_rows.items():
             before = rows_out.written
             try:
@@ -310,27 +413,14 @@ def write_from_manifest(
                 if rows_out.written > before:
                     raise
                 splits[name] = {"total": 0}  # every row of this split was skipped
+    return splits
 
-    rows_out.skipped.sort(key=lambda s: s["row"])
-    skipped_file = None
-    if rows_out.skipped:
-        out.mkdir(parents=True, exist_ok=True)
-        skipped_file = str(out / "skipped.jsonl")
-        with open(skipped_file, "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in rows_out.skipped)
-    counts = Counter(s["kind"] for s in rows_out.skipped)
-    return {
-        "folder": str(folder),
-        "manifest": str(path),
-        "out_dir": str(out),
-        "rows": n_rows,
-        "written": sum(s["total"] for s in splits.values()),
-        "splits": splits,
-        "modalities": {
-            m: rows_out.modalities[m] for m in ("image", "text", "audio") if rows_out.modalities[m]
-        },
-        "skipped": {k: counts[k] for k in SKIP_KINDS if counts[k]},
-        "skipped_rows": rows_out.skipped,
-        "skipped_file": skipped_file,
-        "seconds": round(time.perf_counter() - start, 2),
-    }
+
+def _write_list(path: Path, records: list[dict[str, Any]]) -> str | None:
+    """``records`` as JSON lines at ``path`` (None, and no file, when there are none)."""
+    if not records:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    return str(path)

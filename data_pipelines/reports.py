@@ -31,6 +31,14 @@ def format_write_summary(summary: dict[str, Any], *, max_rows: int = 20) -> str:
             lines.append(f"    {len(split['oversize'])} samples larger than max_bytes got a shard each")
     modalities = ", ".join(f"{m} {n}" for m, n in summary["modalities"].items())
     lines.append(f"  modalities: {modalities or 'none'}")
+    if summary.get("duplicates"):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in summary["duplicates"].items())
+        lines.append(
+            f"dropped {sum(summary['duplicates'].values())} duplicate rows: {reasons}, keeping the first of "
+            f"each (all in {summary['duplicates_file']})"
+        )
+    elif "duplicates" in summary:
+        lines.append("no duplicate rows")
     if summary["skipped"]:
         kinds = ", ".join(f"{n} {kind}" for kind, n in summary["skipped"].items())
         lines.append(

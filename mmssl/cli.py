@@ -3,7 +3,8 @@
 ``mmssl train | eval | embed | export | shards | demo-data``; ``mmssl <command> --help`` for each.
 Settings are a preset (or a run's config.json) plus dotted overrides such as ``optim.lr=3e-4``. A
 mistake in a setting or a path ends the command with one line naming it (exit code 2), before any
-training process starts.
+training process starts. A run that trained but whose evaluation at the end failed keeps its
+checkpoints, says why in one line and exits 3.
 """
 
 # For developers: this is the only module that parses arguments. Everything a run needs is checked
@@ -18,6 +19,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,8 +81,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world == 1:
         from mmssl.train import train
 
-        train(cfg, resume=resume)
-        return 0
+        return EVAL_FAILED if "eval_error" in train(cfg, resume=resume) else 0
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
     env = dict(os.environ)
@@ -109,10 +110,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     if resume:
         command += ["--resume", resume]
+    started = time.time()
     try:
-        return subprocess.run(command, env=env).returncode
+        code = subprocess.run(command, env=env).returncode
     finally:
         engine.remove_shm_buffers(port)
+    return code or eval_exit_code(run_dir / "summary.json", since=started)
+
+
+# The exit code of a run that trained (checkpoints and summary.json written) but whose evaluation at
+# the end failed; rank 0 has said why in one line. 2 stays for mistakes found before anything ran.
+EVAL_FAILED = 3
+
+
+def eval_exit_code(summary_path: Path, *, since: float) -> int:
+    """EVAL_FAILED when this run's summary (written after ``since``) records a failed evaluation. The
+    ranks themselves exit 0 then: a rank exiting non-zero makes the launcher kill the others and log
+    its own error line."""
+    try:
+        fresh = summary_path.stat().st_mtime >= since - 1.0  # file clocks are coarser than time.time()
+        if fresh and "eval_error" in json.loads(summary_path.read_text()):
+            return EVAL_FAILED
+    except (OSError, ValueError):  # no summary on this node (multi-node without a shared run dir)
+        pass
+    return 0
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -294,7 +315,7 @@ def cmd_shards(args: argparse.Namespace) -> int:
                 image_col=args.image_col, audio_col=args.audio_col, text_col=args.text_col,
                 label_col=args.label_col, key_col=args.key_col, group_col=args.group_col,
                 max_count=args.max_count, max_bytes=args.max_bytes, test_fraction=args.test_fraction,
-                seed=args.seed, progress=True,
+                seed=args.seed, dedup=args.dedup, progress=True,
             )  # fmt: skip
     if args.verify:
         print(dp.format_verify_report(report))
@@ -405,6 +426,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-bytes", type=int, default=2**30, help="bytes per shard at most")
     s.add_argument("--test-fraction", type=float, default=0.0, help="share of rows (or groups) for test/")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--dedup", nargs="?", const="exact", choices=("exact", "near"),
+        help="drop repeated rows before writing, keeping the first: the same image or audio bytes, or the "
+        "same caption with the same media; 'near' also resized or recompressed images (needs imagehash)",
+    )  # fmt: skip
     s.set_defaults(func=cmd_shards)
 
     d = sub.add_parser("demo-data", help="build the spoken-digits demo shards (images, captions, speech)")

@@ -20,13 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
-import torch.distributed as dist
-from deepspeed.utils import logger as ds_logger
-from torch import Tensor, nn
 
-from mmssl.config import RunConfig
+# With no CUDA device DeepSpeed falls back to its CPU accelerator and warns "Setting accelerator to CPU"
+# in every process that imports it; naming the CPU accelerator up front is the same choice, said once.
+# A machine with CUDA (or a user's own DS_ACCELERATOR) is left to DeepSpeed's detection.
+# Its op builder then imports torch's extension builder, which warns once per rank that it found no
+# CUDA runtime: true and expected on a CPU machine, so that one message is dropped there.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torch.utils.cpp_extension").addFilter(
+        lambda record: not record.getMessage().startswith("No CUDA runtime is found")
+    )
+
+import deepspeed  # noqa: E402 - reads DS_ACCELERATOR on import
+import torch.distributed as dist  # noqa: E402
+from deepspeed.utils import logger as ds_logger  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from mmssl.config import RunConfig  # noqa: E402
 
 ds_logger.setLevel(logging.WARNING)
 # DeepSpeed's ZeRO still calls a torch collective that torch has renamed; the warning is not ours to fix
@@ -351,6 +363,15 @@ def remove_shm_buffers(port: int) -> None:
     after the rendezvous port) that 0.19.7 never removes; remove this job's once its ranks are gone."""
     for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
         path.unlink(missing_ok=True)
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` (small, picklable) on every rank."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def barrier() -> None:

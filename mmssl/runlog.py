@@ -1,4 +1,7 @@
-"""The run's record: a progress bar, TensorBoard scalars and ``metrics.jsonl``, written by rank 0 only.
+"""The run's record: progress on screen, TensorBoard scalars and ``metrics.jsonl``, written by rank 0 only.
+
+On a terminal progress is a tqdm bar; anywhere else (SLURM, nohup, CI, ``| tee``) it is one plain line
+per logging step, so a log file holds no carriage-return redraws.
 
 Every logged row carries the throughput figures a user compares systems by: samples/s (global and
 per rank), tokens/s per modality, the share of wall time spent waiting for data, and MFU (model
@@ -9,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,21 +53,36 @@ class Work:
         return done
 
 
+def on_terminal() -> bool:
+    """Standard output is a terminal a person watches (not a file or a pipe)."""
+    return sys.stdout.isatty()
+
+
 class RunLog:
     def __init__(
-        self, run_dir: Path, *, enabled: bool, total_steps: int, start_step: int, throughput: Throughput
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        total_steps: int,
+        start_step: int,
+        throughput: Throughput,
+        interactive: bool | None = None,
     ):
-        """A run that starts at step 0 starts its metrics afresh; a resumed one appends."""
+        """A run that starts at step 0 starts its metrics afresh; a resumed one appends. ``interactive``
+        (default: stdout is a terminal) draws a progress bar instead of plain lines."""
         self.enabled = enabled
         self.run_dir = run_dir
         self.throughput = throughput
+        self.total_steps = total_steps
+        self.interactive = on_terminal() if interactive is None else interactive
         self.rows: list[dict] = []
         self._bar = tqdm(
             total=total_steps,
             initial=start_step,
             desc="train",
             unit="step",
-            disable=not enabled,
+            disable=not (enabled and self.interactive),
             dynamic_ncols=True,
         )
         self._writer = None
@@ -73,7 +92,7 @@ class RunLog:
 
             self._writer = SummaryWriter(str(run_dir / "tb"))
             self._jsonl = open(run_dir / "metrics.jsonl", "a" if start_step else "w")  # noqa: SIM115 - kept open
-        self._last = (time.perf_counter(), start_step)
+        self._last = self._start = (time.perf_counter(), start_step)
 
     def advance(self) -> None:
         self._bar.update(1)
@@ -112,18 +131,50 @@ class RunLog:
                     self._writer.add_scalar(f"train/{name}", value, step)
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
-            postfix = {"loss": f"{row['loss']:.3f}", "sps": f"{row.get('samples_per_s', 0):.0f}"}
-            if "mfu" in row:
-                postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
-            self._bar.set_postfix(postfix)
+            if self.interactive:
+                postfix = {"loss": f"{row['loss']:.3f}", "sps": f"{row.get('samples_per_s', 0):.0f}"}
+                if "mfu" in row:
+                    postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+                self._bar.set_postfix(postfix)
+            else:
+                self.write(self.line(row, now))
         return row
 
+    def line(self, row: dict, now: float) -> str:
+        """A logged row as one plain line: step/total, loss, samples/s, MFU, data wait, ETA."""
+        parts = [f"step {row['step']}/{self.total_steps}", f"loss {row['loss']:.4f}"]
+        if "samples_per_s" in row:
+            parts.append(f"{row['samples_per_s']:.0f} samples/s")
+        if "mfu" in row:
+            parts.append(f"MFU {row['mfu']:.1%}")
+        if "data_wait" in row:
+            parts.append(f"data wait {row['data_wait']:.0%}")
+        t0, s0 = self._start
+        if row["step"] > s0:
+            left = (now - t0) / (row["step"] - s0) * (self.total_steps - row["step"])
+            parts.append(f"ETA {duration(left)}")
+        return ", ".join(parts)
+
     def write(self, message: str) -> None:
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self.interactive:
             self._bar.write(message)
+        else:
+            print(message, flush=True)
 
     def close(self) -> None:
         self._bar.close()
         if self.enabled:
             self._writer.close()
             self._jsonl.close()
+
+
+def duration(seconds: float) -> str:
+    """``42s``, ``3m05s``, ``2h07m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -80,12 +82,14 @@ def report_data_warnings(rank: int) -> None:
 
 
 class _TqdmStream:
+    """Lines above a progress bar when one is drawn; plain lines on stdout when none is (a batch log)."""
+
     def write(self, text: str) -> None:
         if text.strip():
             tqdm.write(text.rstrip())
 
     def flush(self) -> None:
-        pass
+        sys.stdout.flush()  # a log file read while the run goes shows each warning as it comes
 
 
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
@@ -188,17 +192,60 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         "skipped_steps": skipped,
         "bad_data": bad_data_totals(loader),
     }
+    error = None
     if cfg.train.eval_at_end and cfg.data.eval_shards:
-        model = model_to_evaluate(task, eng, cfg, info.device)  # every rank takes part under ZeRO-3
-        if info.is_main:
-            summary["eval"] = evaluate.run_eval(model, cfg, run_dir, device=info.device, dtype=eng.dtype)
-        engine.barrier()
+        results, error, cause = evaluate_at_end(task, eng, cfg, info, progress=log.interactive)
+        if results is not None:
+            summary["eval"] = results
+        if cause:
+            summary["eval_error"] = cause
     if info.is_main:
         report.loss_curves_png(report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary, run_dir), flush=True)
+        if "eval_error" in summary:
+            print(eval_failure_line(summary["eval_error"], cfg), file=sys.stderr, flush=True)
     engine.shutdown()
+    if error is not None and not isinstance(error, USER_ERRORS):
+        raise error  # not the data's fault: a bug, with its traceback, once the summary is safe
     return summary
+
+
+# What a user's data or settings raise during the evaluation (no samples, a layout that matches nothing,
+# a label rule the data cannot meet, a file gone): reported in one line, not as a traceback
+USER_ERRORS = (ValueError, FileNotFoundError)
+
+
+def evaluate_at_end(
+    task: Task, eng: engine.Engine, cfg: RunConfig, info: engine.DistInfo, *, progress: bool
+) -> tuple[dict | None, Exception | None, str | None]:
+    """The evaluation after training: (rank 0's results, rank 0's exception, its cause in one line on
+    every rank). A failure does not end the run: rank 0 catches it, and every rank learns the outcome
+    from rank 0 (a broadcast in place of a barrier, which rank 0's failure would break)."""
+    model = model_to_evaluate(task, eng, cfg, info.device)  # every rank takes part under ZeRO-3
+    results, error = None, None
+    if info.is_main:
+        try:
+            results = evaluate.run_eval(
+                model, cfg, Path(cfg.run_dir), device=info.device, dtype=eng.dtype, progress=progress
+            )
+        except Exception as e:  # reported by the caller: re-raised there unless it is a user error
+            error = e
+    cause = None if error is None else " ".join(str(error).split()) or type(error).__name__
+    if error is not None and not isinstance(error, USER_ERRORS):
+        cause = f"{type(error).__name__}: {cause}"
+    return results, error, engine.broadcast_object(cause)
+
+
+def eval_failure_line(cause: str, cfg: RunConfig) -> str:
+    """One line: what failed, on which shards, and the command that retries it from the checkpoint."""
+    retry = shlex.join(["mmssl", "eval", str(cfg.run_dir), "--data", cfg.data.eval_shards])
+    return (
+        f"mmssl: error: training finished, but the evaluation after it failed: {cause} "
+        f"(data.eval_shards={cfg.data.eval_shards}); every checkpoint is kept in "
+        f"{Path(cfg.run_dir) / 'checkpoints'} and summary.json holds the training figures; "
+        f"retry with: {retry}"
+    )
 
 
 def model_to_evaluate(

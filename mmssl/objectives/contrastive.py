@@ -16,6 +16,7 @@ Axis legend: B rows per rank, N = B * world_size rows in all, R rows this rank s
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -24,6 +25,12 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from mmssl.config import ContrastiveConfig
+
+# open_clip's gather (gather_with_grad) calls torch.distributed.nn.all_gather, which torch deprecates with
+# a FutureWarning on every rank; not ours to change, and nothing a user can act on
+warnings.filterwarnings(
+    "ignore", message=r"torch\.distributed\.nn\.functional\.all_gather is deprecated", category=FutureWarning
+)
 
 ABSENT_LOGIT = -1e4  # finite, so a row with no valid candidate gives no NaN
 
