@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipelines.specs import AudioAugment
+from data_pipelines.specs import AudioAugment, ImageAugment
 
 MODALITIES = ("image", "text", "audio")
 # open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
@@ -276,14 +276,18 @@ class DataConfig:
     # cut each text batch after its longest caption: exact (padding is masked, or after the pooled
     # end token of a causal tower) and much less text compute for captions shorter than the context
     trim_text: bool = True
+    # training-time image augmentation, see data_pipelines.ImageAugment: open_clip's random resized
+    # crop (scale 0.9-1.0) by default, flip and colour jitter off
+    image_augment: ImageAugment = field(default_factory=ImageAugment)
     # training-time audio augmentation, off by default: see data_pipelines.AudioAugment
     audio_augment: AudioAugment = field(default_factory=AudioAugment)
 
     def validate(self, path: str = "data") -> None:
-        try:  # its own checks, again: an override sets fields one by one
-            AudioAugment(**dataclasses.asdict(self.audio_augment))
-        except ValueError as e:
-            raise ValueError(f"{path}.audio_augment: {e}") from None
+        for name, cls in (("image_augment", ImageAugment), ("audio_augment", AudioAugment)):
+            try:  # its own checks, again: an override sets fields one by one
+                cls(**dataclasses.asdict(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{path}.{name}: {e}") from None
         if bool(self.train_shards) == bool(self.sources):
             raise ValueError(
                 f"{path}: name the training data in exactly one of {path}.train_shards (a dir, glob or brace "
