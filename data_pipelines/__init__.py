@@ -13,7 +13,7 @@ from data_pipelines.manifest import write_from_manifest
 from data_pipelines.position import combine_states
 from data_pipelines.reports import format_verify_report, format_write_summary
 from data_pipelines.shards import count_samples, iter_samples, write_shards
-from data_pipelines.specs import AudioAugment, AudioSpec, ImageSpec
+from data_pipelines.specs import AudioAugment, AudioSpec, ImageAugment, ImageSpec
 from data_pipelines.stream import StreamLoader, build_loader
 from data_pipelines.synthetic import clap_samples, img2dataset_samples, synthetic_samples
 from data_pipelines.tario import ShardError, expand_shards, scan_shard
@@ -39,6 +39,7 @@ __all__ = [
     "BadDataError",
     "BadDataTally",
     "BadSample",
+    "ImageAugment",
     "ImageSpec",
     "Layout",
     "ShardError",

@@ -137,8 +137,9 @@ def decode_sample(
     modalities. "label" is a class id, a class name or None (see read_label); a bad label does not make
     the sample bad: its label is None and its record is under "__bad__" (one BadSample record).
 
-    `layout` defaults to cfg.layout. `generator` drives the random choices of training (audio crop,
-    caption pick). With `templates` (see `templates()`), every tensor's shape and dtype is checked.
+    `layout` defaults to cfg.layout. `generator` drives the random choices of training (image crop,
+    flip and jitter, audio crop, caption pick). With `templates` (see `templates()`), every tensor's
+    shape and dtype is checked.
     Raises BadSample; at least one configured modality is present in what it returns.
     """
     fields = _Fields(raw)
@@ -171,7 +172,7 @@ def decode_sample(
             continue
         try:
             if modality == "image":
-                out["image"] = decode_image(value, cfg.image, cfg.train)  # [3, S, S]
+                out["image"] = decode_image(value, cfg.image, cfg.train, generator)  # [3, S, S]
             else:
                 wave, sr = decode_audio_clip(value, cfg.audio, cfg.train, generator)  # [<= span]
                 out["audio"] = audio_to_logmel(wave, sr, cfg.audio, cfg.train, generator)  # [M, F]

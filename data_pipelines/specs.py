@@ -7,12 +7,55 @@ from dataclasses import dataclass
 
 
 @dataclass(kw_only=True)
+class ImageAugment:
+    """Training-time image augmentation, open_clip's recipe; every draw comes from the sample's seeded
+    generator, so a resumed stream repeats it exactly. Evaluation never augments (it takes the centred
+    square of each image, as open_clip's resize-and-centre-crop does).
+
+    crop          RandomResizedCrop (torchvision's draw): a box of `scale` times the image's area and
+                  aspect ratio in `ratio` (log-uniform), resized to the output with bicubic. open_clip's
+                  default scale (0.9, 1.0) cuts at most ~5% off each side; ImageNet's (0.08, 1.0) would
+                  cut whole strokes off small digits and text
+    flip          probability of a horizontal flip (off: it reverses text and turns digits into others)
+    color_jitter  (brightness, contrast, saturation, hue) as torchvision's ColorJitter on the image: each
+                  factor uniform in [1 - x, 1 + x] (hue: a shift in [-x, x] turns), in a random order
+    """
+
+    crop: bool = True
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.0
+    color_jitter: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale
+        if not 0.0 < lo <= hi <= 1.0:
+            raise ValueError(f"ImageAugment.scale must be a range within (0, 1], got {self.scale}")
+        lo, hi = self.ratio
+        if not 0.0 < lo <= hi:
+            raise ValueError(f"ImageAugment.ratio must be a positive range (lo <= hi), got {self.ratio}")
+        if not 0.0 <= self.flip <= 1.0:
+            raise ValueError(f"ImageAugment.flip is a probability in [0, 1], got {self.flip}")
+        if len(self.color_jitter) != 4 or min(self.color_jitter) < 0 or self.color_jitter[3] > 0.5:
+            raise ValueError(
+                "ImageAugment.color_jitter needs 4 values >= 0 (brightness, contrast, saturation, hue <= 0.5), "
+                f"got {self.color_jitter}"
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether it changes anything (when not, decoding draws nothing from the generator)."""
+        return self.crop or self.flip > 0 or any(self.color_jitter)
+
+
+@dataclass(kw_only=True)
 class ImageSpec:
     """Images come out as float32 [3, size, size], normalised by mean/std per channel."""
 
     size: int
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    augment: ImageAugment | None = None  # training only
 
     def __post_init__(self) -> None:
         if self.size <= 0:

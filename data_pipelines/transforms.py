@@ -16,7 +16,7 @@ import soundfile
 import torch
 import torchaudio
 from einops import rearrange
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from data_pipelines.specs import AudioAugment, AudioSpec, ImageSpec
 
@@ -25,24 +25,121 @@ Tokenizer = Callable[[list[str]], torch.Tensor]  # list of N captions -> LongTen
 _LOG_EPS = 1e-6
 
 
-def decode_image(data: bytes, spec: ImageSpec, train: bool) -> torch.Tensor:
+def decode_image(
+    data: bytes, spec: ImageSpec, train: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """PNG/JPEG/WebP bytes -> float32 [3, size, size], normalised by spec.mean/std.
 
-    `train` is accepted so augmentation can be added without changing callers; it does nothing yet.
-    Images already at the size are not resampled; normalisation is one fused multiply-add in numpy
-    (a few per-sample torch calls would cost more than the decode itself on small images).
+    Evaluation (or training without spec.augment): the centred square of the image resized to the size
+    with bicubic, which is open_clip's resize of the shorter side then centre crop (the whole image when
+    it is square). Training with spec.augment: a random resized crop, a flip and colour jitter, as
+    ImageAugment says, each drawn from `generator` (a function of the bytes, the spec and the generator's
+    state, so a resumed stream or a second view repeats or continues it exactly).
+
+    Cropping and resizing are one PIL resample of the box (its filter reads just past the box's edges,
+    where a crop-then-resize would repeat the edge); images already at the size are not resampled.
+    Normalisation is one fused multiply-add in numpy (a few per-sample torch calls would cost more than
+    the decode itself on small images).
     """
+    augment = spec.augment if train else None
     size = (spec.size, spec.size)
     with Image.open(io.BytesIO(data)) as img:
-        img.draft("RGB", size)  # JPEG: decode at the smallest scale >= size (no-op for other formats)
+        width, height = img.size
+        if augment is not None and augment.crop:
+            box = random_resized_box(width, height, augment.scale, augment.ratio, generator)
+        else:
+            box = centre_square(width, height)
+        # JPEG: decode at the smallest scale that still gives the box at least `size` pixels a side
+        box_w, box_h = box[2] - box[0], box[3] - box[1]
+        img.draft("RGB", (math.ceil(spec.size * width / box_w), math.ceil(spec.size * height / box_h)))
         rgb = img.convert("RGB")
-    if rgb.size != size:
-        rgb = rgb.resize(size, Image.Resampling.BICUBIC)
+    if rgb.size != (width, height):  # drafted: the box in the smaller image's coordinates
+        sx, sy = rgb.size[0] / width, rgb.size[1] / height
+        box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
+    if rgb.size != size or box != (0, 0, *rgb.size):
+        rgb = rgb.resize(size, Image.Resampling.BICUBIC, box=box)
+    if augment is not None:
+        if augment.flip and float(torch.rand((), generator=generator)) < augment.flip:
+            rgb = rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if any(augment.color_jitter):
+            rgb = color_jitter(rgb, augment.color_jitter, generator)
     scale, shift = _normaliser(spec.mean, spec.std)
     out = np.empty((3, spec.size, spec.size), dtype=np.float32)  # [C, H, W]
     np.multiply(rearrange(np.asarray(rgb), "h w c -> c h w"), scale, out=out, casting="unsafe")
     out += shift
     return torch.from_numpy(out)  # [3, size, size]
+
+
+def _uniform_as_torchvision(generator: torch.Generator | None, lo: float, hi: float) -> float:
+    """The float torchvision's transforms draw (``torch.empty(1).uniform_``), from `generator`."""
+    return float(torch.empty(1).uniform_(lo, hi, generator=generator))
+
+
+Box = tuple[float, float, float, float]  # PIL's (left, upper, right, lower)
+
+
+def centre_square(width: int, height: int) -> Box:
+    """The largest centred square: what resizing the shorter side and centre-cropping keeps."""
+    side = min(width, height)
+    left, top = (width - side) / 2, (height - side) / 2
+    return (left, top, left + side, top + side)
+
+
+def random_resized_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    generator: torch.Generator | None,
+) -> Box:
+    """torchvision's RandomResizedCrop draw, from `generator`: up to 10 tries at a box of a random share
+    of the area (uniform in `scale`) and aspect ratio (log-uniform in `ratio`) that fits; else the
+    centred box of the whole image with its aspect ratio clamped into `ratio`."""
+    area = width * height
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        target = area * _uniform_as_torchvision(generator, *scale)
+        aspect = math.exp(_uniform_as_torchvision(generator, log_lo, log_hi))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            return (left, top, left + w, top + h)
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return (left, top, left + w, top + h)
+
+
+def color_jitter(
+    rgb: Image.Image, strength: tuple[float, float, float, float], generator: torch.Generator | None
+) -> Image.Image:
+    """torchvision's ColorJitter(brightness, contrast, saturation, hue) on an RGB image, its draws (an
+    order, then one factor per non-zero strength) taken from `generator`; PIL's enhancers do the work."""
+    order = torch.randperm(4, generator=generator).tolist()
+    ranges = [(max(0.0, 1 - x), 1 + x) for x in strength[:3]] + [(-strength[3], strength[3])]
+    factors = [
+        _uniform_as_torchvision(generator, lo, hi) if x > 0 else None
+        for x, (lo, hi) in zip(strength, ranges, strict=True)
+    ]
+    for i in order:
+        factor = factors[i]
+        if factor is None:
+            continue
+        if i == 0:
+            rgb = ImageEnhance.Brightness(rgb).enhance(factor)
+        elif i == 1:
+            rgb = ImageEnhance.Contrast(rgb).enhance(factor)
+        elif i == 2:
+            rgb = ImageEnhance.Color(rgb).enhance(factor)
+        else:  # hue: rotate the HSV hue channel (uint8, wrapping round)
+            h, s, v = rgb.convert("HSV").split()
+            shifted = np.asarray(h, dtype=np.uint8) + np.int32(factor * 255).astype(np.uint8)
+            rgb = Image.merge("HSV", (Image.fromarray(shifted, "L"), s, v)).convert("RGB")
+    return rgb
 
 
 @functools.cache

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from data_pipelines.remote import mask
-from data_pipelines.specs import AudioAugment
+from data_pipelines.specs import AudioAugment, ImageAugment
 
 _USERINFO_HOST = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@([^/\s'\"]*)")
 
@@ -281,6 +281,9 @@ class DataConfig:
     # cut each text batch after its longest caption: exact (padding is masked, or after the pooled
     # end token of a causal tower) and much less text compute for captions shorter than the context
     trim_text: bool = True
+    # training-time image augmentation, see data_pipelines.ImageAugment: open_clip's random resized
+    # crop (scale 0.9-1.0) by default, flip and colour jitter off
+    image_augment: ImageAugment = field(default_factory=ImageAugment)
     # training-time audio augmentation, off by default: see data_pipelines.AudioAugment
     audio_augment: AudioAugment = field(default_factory=AudioAugment)
     # a remote shard (pipe:, http(s)://, s3:// ...) whose stream fails mid-way is retried this often,
@@ -288,10 +291,11 @@ class DataConfig:
     retries: int = 3
 
     def validate(self, path: str = "data") -> None:
-        try:  # its own checks, again: an override sets fields one by one
-            AudioAugment(**dataclasses.asdict(self.audio_augment))
-        except ValueError as e:
-            raise ValueError(f"{path}.audio_augment: {e}") from None
+        for name, cls in (("image_augment", ImageAugment), ("audio_augment", AudioAugment)):
+            try:  # its own checks, again: an override sets fields one by one
+                cls(**dataclasses.asdict(getattr(self, name)))
+            except ValueError as e:
+                raise ValueError(f"{path}.{name}: {e}") from None
         if bool(self.train_shards) == bool(self.sources):
             raise ValueError(
                 f"{path}: name the training data in exactly one of {path}.train_shards (a dir, glob or brace "

@@ -56,6 +56,10 @@ def stream_config(
             n_mels=a.n_mels,
             augment=augment if augment != AudioAugment() else None,  # off: no random draws at all
         )
+    image = None
+    if m.image is not None:
+        augment = d.image_augment
+        image = ImageSpec(size=m.image.image_size, augment=augment if augment.active else None)
     if shards or not train:
         where = {
             "shards": shards or d.eval_shards,
@@ -74,7 +78,7 @@ def stream_config(
         shards_per_round=d.shards_per_round,
         retries=d.retries,
         seed=cfg.train.seed,
-        image=ImageSpec(size=m.image.image_size) if m.image is not None else None,
+        image=image,
         audio=audio,
         text=m.text is not None,
         pin_memory=torch.cuda.is_available(),

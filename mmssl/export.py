@@ -71,13 +71,14 @@ def open_clip_config(cfg: RunConfig) -> dict[str, Any]:
             "pool_type": "argmax",
         },
     }
-    # data_pipelines.decode_image: RGB, resized (squashed) to the square with bicubic, mean/std 0.5
+    # data_pipelines.decode_image in evaluation: RGB, the centred square resized with bicubic (open_clip's
+    # shorter side resized, then centre crop), mean/std 0.5
     preprocess_cfg = {
         "size": image.image_size,
         "mean": [0.5, 0.5, 0.5],
         "std": [0.5, 0.5, 0.5],
         "interpolation": "bicubic",
-        "resize_mode": "squash",
+        "resize_mode": "shortest",
     }
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 

@@ -53,6 +53,8 @@ def test_bad_overrides_name_the_field(override, message):
         ("data.train_shards=", "data.train_shards"),
         ("engine.zero_stage=4", "engine.zero_stage"),
         ("objectives.contrastive.init_temperature=0.001", "max_logit_scale"),
+        ("data.image_augment.scale=[0.9, 1.2]", r"data\.image_augment: ImageAugment\.scale"),
+        ("data.image_augment.flip=2", r"data\.image_augment: ImageAugment\.flip"),
     ],
 )
 def test_invalid_values_are_refused_by_validate(override, message):
@@ -82,3 +84,13 @@ def test_zero_buckets_are_capped_at_the_model_size():
     model = nn.Linear(100, 20)  # 2020 parameters
     ds = cap_buckets({"zero_optimization": {"reduce_bucket_size": 5e7, "allgather_bucket_size": 50}}, model)
     assert ds["zero_optimization"] == {"reduce_bucket_size": 2048, "allgather_bucket_size": 50}
+
+
+def test_image_augment_reaches_the_training_stream_only_when_it_does_something():
+    from data_pipelines import ImageAugment
+    from mmssl.data import stream_config
+
+    cfg = apply_overrides(get_preset("tiny"), ["data.train_shards=x", "data.image_augment.flip=0.5"])
+    assert stream_config(cfg, train=True).image.augment == ImageAugment(flip=0.5)
+    off = apply_overrides(cfg, ["data.image_augment.crop=false", "data.image_augment.flip=0"])
+    assert stream_config(off, train=True).image.augment is None  # no draws from the generator at all

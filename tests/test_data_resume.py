@@ -14,6 +14,7 @@ from open_clip.tokenizer import SimpleTokenizer
 
 from data_pipelines import (
     AudioSpec,
+    ImageAugment,
     ImageSpec,
     StreamConfig,
     build_loader,
@@ -52,7 +53,9 @@ def config(shards, **overrides) -> StreamConfig:
         num_workers=0,
         shuffle_buffer=6,
         shards_per_round=2,  # rounds of ~10 samples: a few batches cross round boundaries
-        image=ImageSpec(size=8),
+        image=ImageSpec(
+            size=8, augment=ImageAugment(scale=(0.5, 1.0), flip=0.5, color_jitter=(0.3, 0, 0, 0))
+        ),
         audio=AUDIO,
         seed=1,
     )
@@ -96,7 +99,7 @@ def test_resumed_run_consumes_exactly_what_an_uninterrupted_run_does(
         assert keys(resumed[rank]) == keys(straight)
         for a, b in zip(resumed[rank], straight, strict=True):
             for name in ("image", "text", "audio", "label"):
-                assert torch.equal(a[name], b[name]), name  # random crops are replayed too
+                assert torch.equal(a[name], b[name]), name  # random crops, flips, jitter are replayed too
             assert a["__skipped__"] == b["__skipped__"]  # the bad sample is counted once, in its batch
     if world_size == 2:
         assert keys(resumed[0]) != keys(resumed[1])

@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 import data_pipelines.transforms as T
-from data_pipelines import AudioSpec, ImageSpec, audio_to_logmel, collate, decode_audio, decode_image
+from data_pipelines import (
+    AudioSpec,
+    ImageAugment,
+    ImageSpec,
+    audio_to_logmel,
+    collate,
+    decode_audio,
+    decode_image,
+)
 
 SPEC = AudioSpec(sample_rate=16000, clip_samples=8000, n_fft=400, hop_length=160, n_mels=32)
 
@@ -239,3 +247,121 @@ def test_audio_augment_is_seeded_training_only_and_each_part_acts():
     assert (masked == 0).any() and torch.equal(masked[masked != 0], plain[masked != 0])
     with pytest.raises(ValueError, match="speed"):
         AudioAugment(speed=(1.2, 1.0))
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _torchvision_pipeline(*augment):
+    from torchvision import transforms as tv
+
+    normalise = [tv.ToTensor(), tv.Normalize([0.5] * 3, [0.5] * 3)]
+    return tv.Compose([*augment, *normalise])
+
+
+IMAGE = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)  # [H, W, C], not square
+
+
+def test_image_eval_is_open_clips_resize_and_centre_crop_and_training_without_augment_is_eval():
+    from torchvision import transforms as tv
+
+    # 40x24 -> 12: the shorter side's resize (to 20x12) and the crop offset (4) are whole pixels, where
+    # torchvision's rounding and our exact centred square agree
+    spec = ImageSpec(size=12)
+    bicubic = tv.InterpolationMode.BICUBIC
+    reference = _torchvision_pipeline(tv.Resize(12, interpolation=bicubic), tv.CenterCrop(12))
+    out = decode_image(_png(IMAGE), spec, False)
+    torch.testing.assert_close(out, reference(Image.fromarray(IMAGE)), atol=1e-6, rtol=0)
+    assert torch.equal(out, decode_image(_png(IMAGE), spec, False))  # deterministic
+    assert torch.equal(out, decode_image(_png(IMAGE), spec, True, torch.Generator().manual_seed(0)))
+    augmented = ImageSpec(size=12, augment=ImageAugment(flip=1.0, color_jitter=(0.5, 0.5, 0.5, 0.2)))
+    assert torch.equal(out, decode_image(_png(IMAGE), augmented, False))  # evaluation never augments
+
+
+@pytest.mark.parametrize("width, height", [(32, 32), (40, 24), (13, 50)])
+def test_random_resized_crop_draws_torchvisions_boxes_from_the_generator(width, height):
+    from torchvision import transforms as tv
+
+    for seed in range(40):
+        torch.manual_seed(seed)  # torchvision draws from the global generator
+        top, left, h, w = tv.RandomResizedCrop.get_params(
+            Image.new("RGB", (width, height)), [0.3, 1.0], [0.75, 4 / 3]
+        )
+        box = T.random_resized_box(
+            width, height, (0.3, 1.0), (0.75, 4 / 3), torch.Generator().manual_seed(seed)
+        )
+        assert box == (left, top, left + w, top + h)
+
+
+def test_image_augment_matches_torchvision_and_is_seeded():
+    from torchvision import transforms as tv
+
+    augment = ImageAugment(scale=(0.5, 1.0), color_jitter=(0.4, 0.4, 0.4, 0.1))
+    spec = ImageSpec(size=16, augment=augment)
+    reference = _torchvision_pipeline(
+        tv.RandomResizedCrop(16, scale=(0.5, 1.0), interpolation=tv.InterpolationMode.BICUBIC),
+        tv.ColorJitter(0.4, 0.4, 0.4, 0.1),
+    )
+    smooth = np.linspace(0, 255, 40, dtype=np.float32)[None, :, None] * np.ones((24, 1, 3)) * [1.0, 0.6, 0.3]
+    smooth = smooth.astype(np.uint8)  # a colour ramp: crop offsets show, and edge handling barely matters
+    outs = []
+    for seed in range(4):
+        torch.manual_seed(seed)
+        expected = reference(Image.fromarray(smooth))
+        ours = decode_image(_png(smooth), spec, True, torch.Generator().manual_seed(seed))
+        # the same draws; one resample of the box instead of crop-then-resize differs by a level at the
+        # box's edge at most, which the jitter's contrast and saturation gains can triple
+        level = 2 / 255
+        assert (ours - expected).abs().max() <= 4 * level and (ours - expected).abs().mean() < level / 4, seed
+        outs.append(ours)
+    assert all(not torch.equal(outs[0], o) for o in outs[1:])  # different seeds, different views
+    again = decode_image(_png(smooth), spec, True, torch.Generator().manual_seed(2))
+    assert torch.equal(again, outs[2])  # the same seed, the same tensor
+    jitter = (0.4, 0.4, 0.4, 0.1)
+    for seed in range(10):  # colour jitter alone is bit-exact (the same PIL operations)
+        torch.manual_seed(seed)
+        expected = tv.ColorJitter(*jitter)(Image.fromarray(IMAGE))
+        ours = T.color_jitter(Image.fromarray(IMAGE), jitter, torch.Generator().manual_seed(seed))
+        assert np.array_equal(np.asarray(ours), np.asarray(expected))
+
+
+def test_image_flip_and_the_default_crop_keep_a_digit():
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[8:24, 4:12] = 255  # a bar on the left
+    flipped = decode_image(_png(pixels), ImageSpec(size=32, augment=ImageAugment(crop=False, flip=1.0)), True)
+    assert torch.equal(flipped, decode_image(_png(pixels[:, ::-1].copy()), ImageSpec(size=32), False))
+    crops = [
+        decode_image(
+            _png(pixels), ImageSpec(size=32, augment=ImageAugment()), True, torch.Generator().manual_seed(s)
+        )
+        for s in range(20)
+    ]
+    assert len({c.sum().item() for c in crops}) >= 5  # the default crop moves and scales ...
+    lit = [(c[0] > 0).sum().item() / (c[0] > 0).numel() for c in crops]  # ... but keeps the bar whole
+    assert min(lit) > 0.8 * (16 * 8) / 1024
+
+
+def test_jpeg_draft_decodes_a_crop_at_enough_resolution():
+    ramp = np.linspace(0, 255, 256, dtype=np.float32)
+    pixels = np.stack(
+        [np.add.outer(ramp, ramp) / 2, np.add.outer(ramp, 255 - ramp) / 2, np.full((256, 256), 128)], -1
+    )
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="JPEG", quality=95)
+    spec = ImageSpec(size=32, augment=ImageAugment(scale=(0.3, 0.3), ratio=(1.0, 1.0)))
+    ours = decode_image(buffer.getvalue(), spec, True, torch.Generator().manual_seed(0))
+    box = T.random_resized_box(256, 256, (0.3, 0.3), (1.0, 1.0), torch.Generator().manual_seed(0))
+    with Image.open(io.BytesIO(buffer.getvalue())) as img:  # no draft: every pixel decoded
+        full = img.convert("RGB").resize((32, 32), Image.Resampling.BICUBIC, box=box)
+    expected = torch.from_numpy(np.asarray(full, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+    assert (ours - expected).abs().mean() < 0.02
+
+
+def test_image_augment_rejects_bad_values():
+    for bad, field in (({"scale": (0.0, 1.0)}, "scale"), ({"ratio": (2.0, 1.0)}, "ratio"),
+                       ({"flip": 1.5}, "flip"), ({"color_jitter": (0, 0, 0, 0.7)}, "color_jitter")):  # fmt: skip
+        with pytest.raises(ValueError, match=field):
+            ImageAugment(**bad)
