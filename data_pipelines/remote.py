@@ -152,10 +152,10 @@ class _Http:
         try:
             data = self.response.read(n)
         except (HTTPException, ValueError) as exn:  # a broken chunked body, a closed response
-            raise OSError(f"connection to {mask(self.url)} failed: {type(exn).__name__}: {exn}") from exn
+            raise OSError(f"connection failed: {type(exn).__name__}: {exn}") from exn
         self.pos += len(data)
         if not data and n and self.end is not None and self.pos < self.end:
-            raise OSError(f"connection to {mask(self.url)} dropped at byte {self.pos} of {self.end}")
+            raise OSError(f"connection dropped at byte {self.pos} of {self.end}")
         return data
 
     def close(self) -> None:

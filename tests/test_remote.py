@@ -185,11 +185,16 @@ def test_a_failing_pipe_is_retried_then_counted_as_a_damaged_shard(shards, tmp_p
     assert "tried 3 times" in record["reason"] and record["shard"] == failing
 
 
-def test_a_source_fails_at_start_only_when_none_of_its_shards_answers(server, tokenizer):
-    dead = "http://127.0.0.1:9/shard-{000000..000001}.tar"  # port 9 (discard): nothing listens here
-    with pytest.raises(ValueError) as info:
-        check_layout(config(dead))
-    assert "\n" not in str(info.value) and "does not answer" in str(info.value)
+def test_a_source_fails_at_start_only_when_none_of_its_shards_answers(server, tokenizer, capsys):
+    from mmssl.cli import main
+
+    dead = "http://who:pw@127.0.0.1:9/shard-{000000..000001}.tar"  # port 9 (discard): nothing listens
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "tiny", f"data.train_shards={dead}", "data.eval_shards="])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("mmssl: error: data.train_shards: ") and "does not answer" in err
+    assert "who:pw" not in err and "http://***@127.0.0.1:9/shard-000001.tar" in err
     # missing first shards, then one that answers: not an error at start-up
     some = url(server, "missing-{0..2}.tar") + "," + url(server, "shard-000000.tar")
     assert check_layout(config(some))[0]["samples"] == 6
