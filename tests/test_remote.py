@@ -245,3 +245,16 @@ def test_remote_specs_that_cannot_be_read_fail_in_one_line():
         check_layout(config("s3://bucket/shard-{0..3}.tar"))
     with pytest.raises(ValueError, match="cannot be globbed"):
         check_layout(config("https://example.org/shards/*.tar"))
+
+
+def test_fsspec_urls_are_streamed_too(shards):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")  # fsspec's built-in in-process store stands in for s3:// and co
+    for path in shards.iterdir():
+        memory.pipe(f"/remote-test/{path.name}", path.read_bytes())
+    spec = f"memory://remote-test/{PATTERN}"
+    got = [(s["__key__"], s["wav"]) for s in iter_samples(spec)]
+    assert got == [(s["__key__"], s["wav"]) for s in iter_samples(str(shards / PATTERN))]
+    memory.rm("/remote-test/shard-000000.tar")
+    assert count_samples(spec) == 24  # from its sizes.json: the shards themselves are not read
