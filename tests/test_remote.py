@@ -258,3 +258,14 @@ def test_fsspec_urls_are_streamed_too(shards):
     assert got == [(s["__key__"], s["wav"]) for s in iter_samples(str(shards / PATTERN))]
     memory.rm("/remote-test/shard-000000.tar")
     assert count_samples(spec) == 24  # from its sizes.json: the shards themselves are not read
+
+
+def test_data_retries_is_checked_and_reaches_the_stream():
+    from mmssl import data
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+
+    with pytest.raises(ValueError, match="data.retries must be >= 0"):
+        apply_overrides(get_preset("tiny"), ["data.retries=-1"]).validate()
+    cfg = apply_overrides(get_preset("tiny"), ["data.retries=5"]).validate()
+    assert data.stream_config(cfg, train=True).retries == 5
