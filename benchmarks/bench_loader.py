@@ -4,6 +4,9 @@ Prints samples/s of
     raw         tar iteration: headers scanned and file bytes read, nothing decoded
     pipeline    the full training stream (resampled shards, shuffle, decode, transforms, collate)
                 with 0 (in the calling process), 1 and 2 loader workers
+    remote      the same shards streamed from `python -m http.server` on 127.0.0.1 and through
+                `pipe:cat`, raw and through the pipeline with 1 worker, against local files (target:
+                >= 0.8x local)
     demand      the trainer: forward + backward + AdamW step of the chosen preset on batches taken
                 from the pipeline, one process, no DeepSpeed
 and the ratio pipeline(1 worker) / demand, whose target is >= 5x (the loader should never be what a
@@ -17,51 +20,65 @@ run waits for). Shards: --shards, or spoken digits built with data_pipelines.bui
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import itertools
 import json
 import os
+import shlex
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from data_pipelines import AudioSpec, ImageSpec, StreamConfig, build_loader, build_spoken_digits, iter_samples
-from mmssl import engine
+from data_pipelines import StreamConfig, build_loader, build_spoken_digits, expand_shards, iter_samples
+from mmssl import data, engine
 from mmssl.presets import get_preset
 from mmssl.task import Task
-from mmssl.tokenizer import ClipTokenizer
 
 TARGET = 5.0
+REMOTE_TARGET = 0.8  # remote streams (1 worker) against local files (1 worker)
 
 
 def stream_config(cfg: Any, shards: str, num_workers: int) -> StreamConfig:
-    """The training stream the preset's towers expect (image size, mel settings), like mmssl.data."""
-    m = cfg.model
-    audio = None
-    if m.audio is not None:
-        a = m.audio
-        audio = AudioSpec(
-            sample_rate=a.sample_rate,
-            clip_samples=a.clip_samples,
-            n_fft=a.n_fft,
-            hop_length=a.hop_length,
-            n_mels=a.n_mels,
-        )
-    return StreamConfig(
-        shards=shards,
-        batch_size=cfg.optim.micro_batch_size,
-        train=True,
-        num_workers=num_workers,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        seed=cfg.train.seed,
-        image=ImageSpec(size=m.image.image_size) if m.image is not None else None,
-        audio=audio,
-        text=m.text is not None,
+    """The trainer's own training stream (mmssl.data.stream_config) over `shards` with `num_workers`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.num_workers = num_workers
+    return data.stream_config(cfg, train=True, shards=shards)
+
+
+@contextlib.contextmanager
+def http_server(root: str) -> Iterator[int]:
+    """`python -m http.server` on 127.0.0.1 serving `root`, in its own process; yields its port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", root],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError("the local http.server did not start") from None
+                time.sleep(0.1)
+        yield port
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def raw_rate(shards: str, min_samples: int, bar: tqdm) -> float:
@@ -77,7 +94,7 @@ def raw_rate(shards: str, min_samples: int, bar: tqdm) -> float:
 
 
 def pipeline_rate(
-    cfg: Any, shards: str, tokenizer: ClipTokenizer, num_workers: int, batches: int, bar: tqdm
+    cfg: Any, shards: str, tokenizer: Any, num_workers: int, batches: int, bar: tqdm
 ) -> tuple[float, dict[str, Any]]:
     """Samples/s after the first batch (which pays for starting the workers and filling their queues)."""
     loader = iter(build_loader(stream_config(cfg, shards, num_workers), tokenizer=tokenizer))
@@ -127,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     cfg = get_preset(args.preset)
-    tokenizer = ClipTokenizer(context_length=cfg.model.text.context_length)
+    tokenizer = data.tokenizer(cfg)
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         shards = args.shards
         if shards is None:
@@ -137,29 +154,54 @@ def main(argv: list[str] | None = None) -> int:
                 "pattern"
             ]
         batch_size = cfg.optim.micro_batch_size
-        phases = ["raw", "0 workers", "1 worker", "2 workers", "demand"]
+        urls = expand_shards(shards)
+        root = os.path.commonpath([os.path.dirname(u) for u in urls])
         figures: dict[str, float] = {}
-        with tqdm(total=len(phases), desc="bench_loader", unit="phase") as bar:
-            figures["raw"] = raw_rate(shards, args.batches * batch_size, bar)
-            bar.update(1)
+        with http_server(root) as port, tqdm(total=10, desc="bench_loader", unit="phase") as bar:
+            remote = {
+                "http": ",".join(f"http://127.0.0.1:{port}/{os.path.relpath(u, root)}" for u in urls),
+                "pipe": ",".join(f"pipe:cat {shlex.quote(u)}" for u in urls),
+            }
+            for name, spec in (("raw", shards), ("raw_http", remote["http"]), ("raw_pipe", remote["pipe"])):
+                figures[name] = raw_rate(spec, args.batches * batch_size, bar)
+                bar.update(1)
             for workers in (0, 1, 2):
                 figures[f"pipeline_{workers}"], batch = pipeline_rate(
                     cfg, shards, tokenizer, workers, args.batches, bar
                 )
                 bar.update(1)
+            for name, spec in remote.items():  # one worker, as the local figure it is held against
+                figures[f"pipeline_1_{name}"], _ = pipeline_rate(cfg, spec, tokenizer, 1, args.batches, bar)
+                bar.update(1)
+            # local again, after the remote rows: the ratio holds against the mean of both local runs
+            again, _ = pipeline_rate(cfg, shards, tokenizer, 1, args.batches, bar)
+            figures["pipeline_1"] = (figures["pipeline_1"] + again) / 2
+            bar.update(1)
             figures["demand"], params = demand_rate(cfg, batch, args.steps, bar)
             bar.update(1)
 
     ratio = figures["pipeline_1"] / figures["demand"]
+    remote_ratio = {name: figures[f"pipeline_1_{name}"] / figures["pipeline_1"] for name in ("http", "pipe")}
+    for name in ("http", "pipe"):
+        figures[f"ratio_{name}"] = remote_ratio[name]
     load = os.getloadavg()[0]
     lines = [
         f"loader benchmark on {shards}",
         f"  batch {batch_size}, preset {args.preset!r} ({params:.1f}M parameters), torch threads "
         f"{torch.get_num_threads()}, {os.cpu_count()} cores, load average {load:.1f} at the end",
         f"  {'raw tar iteration':<34}{figures['raw']:>10.0f} samples/s",
+        f"  {'raw tar iteration, http':<34}{figures['raw_http']:>10.0f} samples/s",
+        f"  {'raw tar iteration, pipe:cat':<34}{figures['raw_pipe']:>10.0f} samples/s",
         *(
             f"  {f'pipeline, {w} worker' + ('s' if w != 1 else ''):<34}{figures[f'pipeline_{w}']:>10.0f} samples/s"
             for w in (0, 1, 2)
+        ),
+        *(
+            f"  {f'pipeline, 1 worker, {label}':<34}{figures[f'pipeline_1_{name}']:>10.0f} samples/s"
+            f"  ({remote_ratio[name]:.2f}x local, "
+            f"{figures[f'pipeline_1_{name}'] / figures['demand']:.1f}x demand; target >= {REMOTE_TARGET}x local: "
+            + ("met)" if remote_ratio[name] >= REMOTE_TARGET else "NOT met)")
+            for name, label in (("http", "http.server"), ("pipe", "pipe:cat"))
         ),
         f"  {'trainer demand (' + args.preset + ' step)':<34}{figures['demand']:>10.0f} samples/s",
         f"  pipeline(1 worker) / demand = {ratio:.1f}x (target >= {TARGET:.0f}x): "

@@ -36,7 +36,7 @@ class Permanent(OSError):
 
 
 class ByteStream(Protocol):
-    def read(self, n: int) -> bytes: ...  # up to n bytes; b"" at the end; OSError on a fault
+    def read(self, n: int) -> bytes: ...  # 1 to n bytes; b"" at the end; OSError on a fault
 
     def close(self) -> None: ...
 
@@ -121,7 +121,7 @@ class _Pipe:
         )
 
     def read(self, n: int) -> bytes:
-        data = self.proc.stdout.read(n)
+        data = self.proc.stdout.read1(n)  # what has arrived (at least a byte), not a full n
         if not data and n:
             status = self.proc.wait()
             if status != 0:
@@ -150,12 +150,12 @@ class _Http:
 
     def read(self, n: int) -> bytes:
         try:
-            data = self.response.read(n)
+            data = self.response.read1(n)  # what has arrived (at least a byte), not a full n
         except (HTTPException, ValueError) as exn:  # a broken chunked body, a closed response
-            raise OSError(f"connection to {mask(self.url)} failed: {type(exn).__name__}: {exn}") from exn
+            raise OSError(f"connection failed: {type(exn).__name__}: {exn}") from exn
         self.pos += len(data)
         if not data and n and self.end is not None and self.pos < self.end:
-            raise OSError(f"connection to {mask(self.url)} dropped at byte {self.pos} of {self.end}")
+            raise OSError(f"connection dropped at byte {self.pos} of {self.end}")
         return data
 
     def close(self) -> None:

@@ -326,30 +326,40 @@ RETRY_BACKOFF = 1.0  # seconds before the first retry of a faulty stream; double
 
 
 class _Forward:
-    """A forward-only byte stream seen as the seekable file `_members` reads: seeking ahead skips bytes,
-    seeking back is allowed within the last read (to re-read a header block)."""
+    """A forward-only byte stream seen as the seekable file `_members` reads, through a buffer of the
+    stream's chunks: seeking ahead skips bytes, seeking back is allowed within the last read (to re-read
+    a header block)."""
+
+    CHUNK = 1 << 16
 
     def __init__(self, stream: Any, pos: int) -> None:
-        self.stream, self.pos = stream, pos
-        self._last, self._last_at, self._back = b"", pos, b""
+        self.stream, self.pos = stream, pos  # pos: the stream offset of self._buf[self._i]
+        self._buf, self._i = b"", 0
 
     def read(self, n: int) -> bytes:
-        start, out = self.pos, bytearray(self._back[:n])
-        self._back = self._back[n:]
-        while len(out) < n and (chunk := self.stream.read(n - len(out))):
-            out += chunk
-        data = bytes(out)
-        self.pos = start + len(data)
-        self._last, self._last_at = data, start
+        if len(self._buf) - self._i < n:
+            parts = [self._buf[self._i :]]
+            have = len(parts[0])
+            while have < n and (chunk := self.stream.read(max(self.CHUNK, n - have))):
+                parts.append(chunk)
+                have += len(chunk)
+            self._buf, self._i = b"".join(parts), 0
+        data = self._buf[self._i : self._i + n]
+        self._i += len(data)
+        self.pos += len(data)
         return data
 
     def seek(self, target: int) -> None:
         if target < self.pos:
-            assert target >= self._last_at, (target, self._last_at)  # _members never goes further back
-            self._back = self._last[target - self._last_at : self.pos - self._last_at] + self._back
+            assert self.pos - target <= self._i, (target, self.pos)  # _members never goes further back
+            self._i -= self.pos - target
             self.pos = target
-        while target > self.pos and self.read(min(target - self.pos, 1 << 20)):
-            pass
+            return
+        ahead = min(target - self.pos, len(self._buf) - self._i)
+        self._i += ahead
+        self.pos += ahead
+        while target > self.pos and (chunk := self.stream.read(min(target - self.pos, 1 << 20))):
+            self.pos += len(chunk)
 
 
 def _stream_samples(f: _Forward, url: str, start: int) -> Iterator[tuple[SampleRef, int]]:

@@ -185,11 +185,16 @@ def test_a_failing_pipe_is_retried_then_counted_as_a_damaged_shard(shards, tmp_p
     assert "tried 3 times" in record["reason"] and record["shard"] == failing
 
 
-def test_a_source_fails_at_start_only_when_none_of_its_shards_answers(server, tokenizer):
-    dead = "http://127.0.0.1:9/shard-{000000..000001}.tar"  # port 9 (discard): nothing listens here
-    with pytest.raises(ValueError) as info:
-        check_layout(config(dead))
-    assert "\n" not in str(info.value) and "does not answer" in str(info.value)
+def test_a_source_fails_at_start_only_when_none_of_its_shards_answers(server, tokenizer, capsys):
+    from mmssl.cli import main
+
+    dead = "http://who:pw@127.0.0.1:9/shard-{000000..000001}.tar"  # port 9 (discard): nothing listens
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--preset", "tiny", f"data.train_shards={dead}", "data.eval_shards="])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("mmssl: error: data.train_shards: ") and "does not answer" in err
+    assert "who:pw" not in err and "http://***@127.0.0.1:9/shard-000001.tar" in err
     # missing first shards, then one that answers: not an error at start-up
     some = url(server, "missing-{0..2}.tar") + "," + url(server, "shard-000000.tar")
     assert check_layout(config(some))[0]["samples"] == 6
@@ -240,3 +245,27 @@ def test_remote_specs_that_cannot_be_read_fail_in_one_line():
         check_layout(config("s3://bucket/shard-{0..3}.tar"))
     with pytest.raises(ValueError, match="cannot be globbed"):
         check_layout(config("https://example.org/shards/*.tar"))
+
+
+def test_fsspec_urls_are_streamed_too(shards):
+    import fsspec
+
+    memory = fsspec.filesystem("memory")  # fsspec's built-in in-process store stands in for s3:// and co
+    for path in shards.iterdir():
+        memory.pipe(f"/remote-test/{path.name}", path.read_bytes())
+    spec = f"memory://remote-test/{PATTERN}"
+    got = [(s["__key__"], s["wav"]) for s in iter_samples(spec)]
+    assert got == [(s["__key__"], s["wav"]) for s in iter_samples(str(shards / PATTERN))]
+    memory.rm("/remote-test/shard-000000.tar")
+    assert count_samples(spec) == 24  # from its sizes.json: the shards themselves are not read
+
+
+def test_data_retries_is_checked_and_reaches_the_stream():
+    from mmssl import data
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+
+    with pytest.raises(ValueError, match="data.retries must be >= 0"):
+        apply_overrides(get_preset("tiny"), ["data.retries=-1"]).validate()
+    cfg = apply_overrides(get_preset("tiny"), ["data.retries=5"]).validate()
+    assert data.stream_config(cfg, train=True).retries == 5
