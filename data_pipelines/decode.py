@@ -233,10 +233,15 @@ def _reads(raw: Mapping[str, Any], layout: Layout, modalities: tuple[str, ...]) 
 
 def layout_hint(raw: Mapping[str, Any], modalities: tuple[str, ...], layout: Layout, setting: str) -> str:
     """A likely fix, in a few words, for a sample (every file loaded) that is bad under `layout`: the
-    presets that read it, best first, as `setting=name`; else how to look closer."""
+    presets that read it as `setting=name`, best first (most configured modalities read, then the
+    narrowest preset: fewest entries); else how to look closer."""
     held = "/".join(sorted(k for k in raw if not k.startswith("__"))) or "no files"
     reads = {name: _reads(raw, p, modalities) for name, p in PRESETS.items() if p != layout}
-    fits = sorted((name for name, n in reads.items() if n), key=lambda name: -reads[name])
+
+    def rank(name: str) -> tuple[int, int]:
+        return -reads[name], sum(len(PRESETS[name].entries(m)) for m in MODALITIES)
+
+    fits = sorted((name for name, n in reads.items() if n), key=rank)
     if fits:
         return f"the shards hold {held}: try " + " or ".join(f"{setting}={name}" for name in fits)
     verify = (
