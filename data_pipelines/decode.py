@@ -77,13 +77,16 @@ def read_label(raw: Mapping[str, Any], layout: Layout) -> int | str | None:
     A JSON integer is an id and a JSON string a name; a file (`cls`) or a JSON string holding a decimal
     integer is an id too ("3" -> 3), any other non-empty string is a name (stripped). A negative id or
     an empty string counts as absent. Anything else (a float, a list, an object, true/false, bytes
-    that are not UTF-8) raises BadSample("bad_label").
+    that are not UTF-8, a JSON file that does not parse) raises BadSample("bad_label").
     """
     return _label(_Fields(raw), layout)
 
 
 def _label(fields: _Fields, layout: Layout) -> int | str | None:
-    found = fields.find(layout.label)
+    try:
+        found = fields.find(layout.label)
+    except BadSample as exn:  # JSON that does not parse: only the label is lost, if nothing else needs it
+        raise fields.bad("bad_label", exn.reason) from None
     if found is None:
         return None
     entry, value = found

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -141,6 +142,7 @@ def test_bad_labels_are_counted_once_per_kind_and_the_samples_kept(tmp_path, cap
     values = [1.5, [1, 2], {"id": 1}, True, "cat", 3, None, 2.5]
     samples = list(with_labels(synthetic_samples(8, image_size=16), lambda i, s: values[i]))
     samples[6]["cls"] = b"\xff\xfe"  # not UTF-8
+    samples[7]["json"] = b"{oops"  # does not parse: only the label is lost (the caption is in txt)
     shards = write_shards(samples, tmp_path, max_count=4)["pattern"]
     loader = build_loader(stream(shards, text=False), tokenizer=None)
     with caplog.at_level(logging.WARNING, logger="data_pipelines"):
@@ -344,3 +346,16 @@ def test_mmssl_eval_reads_the_data_with_the_runs_layout_unless_overridden(tmp_pa
         main(["eval", run, "--data", i2d, "--no-probe", "--out", str(out), "data.eval_layout=clap"])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and "--data (layout clap)" in err[0]
+
+
+def test_mmssl_embed_writes_class_ids_of_name_labels_and_the_names(named_splits, tmp_path):
+    from mmssl.embed import embed_shards
+
+    cfg = run_config(named_splits["train"])
+    model = MultimodalModel(cfg.model).eval()
+    manifest = embed_shards(model, cfg, named_splits["test"], tmp_path, device=CPU, source="random")
+    classes = manifest["classes"]
+    assert classes == sorted(set(named_splits["names"].values()))
+    keys = (tmp_path / "image_keys.txt").read_text().split()
+    ids = np.load(tmp_path / "image_labels.npy").tolist()
+    assert [classes[i] for i in ids] == [named_splits["names"][k] for k in keys]
