@@ -31,9 +31,9 @@ BAD_KINDS = (
     "bad_audio",  # undecodable audio, or no samples
     "bad_text",  # caption not UTF-8, or a JSON caption that is not a string or list of strings
     "empty_caption",  # caption empty after stripping
-    "bad_json",  # JSON that does not parse or is not an object
+    "bad_json",  # JSON that does not parse or is not an object, when a modality is read from it
     "bad_shape",  # a tensor whose shape or dtype after transforms differs from the configured one
-    "bad_label",  # a label that is neither an integer nor a class name: the sample is kept, unlabelled
+    "bad_label",  # a label neither a class id nor a name (or unparseable JSON): kept, without it
 )
 KEPT_KINDS = ("bad_label",)  # recorded, but the sample is used (without its label)
 RECORDS_PER_BATCH = 32  # per batch, records beyond this are only counted

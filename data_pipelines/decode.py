@@ -78,13 +78,16 @@ def read_label(raw: Mapping[str, Any], layout: Layout) -> int | str | None:
     A JSON integer is an id and a JSON string a name; a file (`cls`) or a JSON string holding a decimal
     integer is an id too ("3" -> 3), any other non-empty string is a name (stripped). A negative id or
     an empty string counts as absent. Anything else (a float, a list, an object, true/false, bytes
-    that are not UTF-8) raises BadSample("bad_label").
+    that are not UTF-8, a JSON file that does not parse) raises BadSample("bad_label").
     """
     return _label(_Fields(raw), layout)
 
 
 def _label(fields: _Fields, layout: Layout) -> int | str | None:
-    found = fields.find(layout.label)
+    try:
+        found = fields.find(layout.label)
+    except BadSample as exn:  # JSON that does not parse: only the label is lost, if nothing else needs it
+        raise fields.bad("bad_label", exn.reason) from None
     if found is None:
         return None
     entry, value = found
@@ -235,10 +238,15 @@ def _reads(raw: Mapping[str, Any], layout: Layout, modalities: tuple[str, ...]) 
 
 def layout_hint(raw: Mapping[str, Any], modalities: tuple[str, ...], layout: Layout, setting: str) -> str:
     """A likely fix, in a few words, for a sample (every file loaded) that is bad under `layout`: the
-    presets that read it, best first, as `setting=name`; else how to look closer."""
+    presets that read it as `setting=name`, best first (most configured modalities read, then the
+    narrowest preset: fewest entries); else how to look closer."""
     held = "/".join(sorted(k for k in raw if not k.startswith("__"))) or "no files"
     reads = {name: _reads(raw, p, modalities) for name, p in PRESETS.items() if p != layout}
-    fits = sorted((name for name, n in reads.items() if n), key=lambda name: -reads[name])
+
+    def rank(name: str) -> tuple[int, int]:
+        return -reads[name], sum(len(PRESETS[name].entries(m)) for m in MODALITIES)
+
+    fits = sorted((name for name, n in reads.items() if n), key=rank)
     if fits:
         return f"the shards hold {held}: try " + " or ".join(f"{setting}={name}" for name in fits)
     verify = (

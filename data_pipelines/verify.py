@@ -124,7 +124,7 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
 def _count_label(raw: dict[str, Any], layout: Layout, report: dict[str, Any], names: Counter[str]) -> None:
     try:
         label = read_label(raw, layout)
-    except BadSample as exn:  # only bad_label: the JSON parsed when the modalities were read
+    except BadSample as exn:  # bad_label, the only kind read_label raises
         report["labels"]["bad"] += 1
         report["bad_labels"].append(
             {"shard": exn.url, "key": exn.key, "kind": exn.kind, "reason": exn.reason}

@@ -285,9 +285,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if args.batch_size:
         ckpt.cfg.eval.batch_size = args.batch_size
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = embed_shards(
-        ckpt.model.to(device), ckpt.cfg, args.data, args.out, device=device, source=ckpt.source
-    )
+    with user_errors():  # the data's own mistakes (no sample, labels of two kinds)
+        manifest = embed_shards(
+            ckpt.model.to(device), ckpt.cfg, args.data, args.out, device=device, source=ckpt.source
+        )
     print(format_summary(manifest, args.out))
     return 0
 

@@ -4,8 +4,9 @@ Layout written under the output folder, per modality the model has and the shard
 
     <modality>.npy          float32 [N, E], L2-normalised (cosine similarity = dot product)
     <modality>_keys.txt     the sample key of each row, one per line
-    <modality>_labels.npy   int64 [N] labels from the samples' json (-1 unknown), when any is known
-    manifest.json           rows, dims, files, the source checkpoint and shards
+    <modality>_labels.npy   int64 [N] class ids (-1 unknown), when any is known; class-name labels
+                            are mapped as in evaluation (mmssl.labels), and the manifest lists the names
+    manifest.json           rows, dims, files, the source checkpoint and shards, "classes" when known
 
 Rows follow the sample keys' sorted order; a sample lacking a modality has no row in that file.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmssl import labels, zeroshot
 from mmssl.config import RunConfig
 from mmssl.evaluate import Embeddings, embed_split
 from mmssl.model import MultimodalModel
@@ -55,9 +57,10 @@ def embed_shards(
     source: str,
 ) -> dict[str, Any]:
     data = embed_split(model, cfg, shards, device=device)
-    return write_embeddings(
-        data, out_dir, meta={"source": source, "shards": shards, "samples": len(data.keys)}
-    )
+    given, where = zeroshot.find_classes(shards)
+    data, _, classes = labels.resolve(data, given, source=where, where=shards)
+    meta = {"source": source, "shards": shards, "samples": len(data.keys)}
+    return write_embeddings(data, out_dir, meta={**meta, **({"classes": classes} if classes else {})})
 
 
 def format_summary(manifest: dict[str, Any], out_dir: str | Path) -> str:

@@ -58,6 +58,8 @@ def damaged(tmp_path_factory):
         rows.append(
             {"__key__": kind, "cls": b"1"} if change is None else {**good[1], "__key__": kind, **change}
         )
+    # bad_json: the caption must come from the JSON (a JSON holding only the label would just lose it)
+    del next(r for r in rows if r["__key__"] == "bad_json")["txt"]
     write_shards([*rows, good[1]], out, prefix="a")
 
     sink = TarSink(str(out / "b-000000.tar"))  # a file twice in one sample
