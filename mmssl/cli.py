@@ -23,13 +23,14 @@ from mmssl.presets import PRESETS, get_preset
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a mistake in what the user gave (a config value, a path) into one line and exit code 2.
-    Only the checks run inside; errors raised while training keep their traceback."""
+def user_errors(*, show: bool = True) -> Iterator[None]:
+    """Turn a mistake in what the user gave (a config value, a path) into one line (``show``: on this
+    rank) and exit code 2. Only the checks run inside; errors raised while training keep their traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mmssl: error: {e}", file=sys.stderr)
+        if show:
+            print(f"mmssl: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -229,6 +230,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _launch(args)
 
     from mmssl import checkpoint, engine, evaluate
+    from mmssl.runlog import on_terminal
 
     rank, world_size = 0, 1
     if worker:
@@ -242,7 +244,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = checkpoint.load(args.checkpoint).model
     if rank == 0:
         print(f"evaluating {args.checkpoint} on {cfg.data.eval_shards} ({world_size} rank(s))", flush=True)
-    evaluate.run_eval(model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size)
+    with user_errors(show=rank == 0):  # data that holds no sample, a label rule it cannot meet: one line
+        evaluate.run_eval(
+            model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size,
+            progress=on_terminal(),
+        )  # fmt: skip
     if worker:
         engine.shutdown()
     if rank == 0:
