@@ -8,8 +8,8 @@ dropped for the first reason that holds:
     near_image    (mode "near" only) an image whose perceptual hash is within NEAR_DISTANCE bits of a
                   kept image's: the same picture resized, recompressed or converted
 A caption is normalised by casefolding, collapsing whitespace and stripping punctuation at both ends.
-Media are compared by SHA-256 digests and images by imagehash's 64-bit pHash (an optional dependency:
-``pip install 'mmssl[dedup]'``), so memory grows by a few dozen bytes per kept sample.
+Samples and media are compared by SHA-256 digests, and images by imagehash's 64-bit pHash (an optional
+dependency: ``pip install 'mmssl[dedup]'``), so memory grows by about a hundred bytes per kept sample.
 """
 
 import hashlib
@@ -62,7 +62,7 @@ class Duplicates:
     def __init__(self, mode: str = "exact", *, near_distance: int = NEAR_DISTANCE) -> None:
         check_mode(mode)
         self.mode = mode
-        self.samples: dict[tuple, str] = {}  # (captions, image digest, audio digest) -> key kept
+        self.samples: dict[bytes, str] = {}  # digest of (captions, image digest, audio digest) -> key kept
         self.images: dict[bytes, str] = {}
         self.audios: dict[bytes, str] = {}
         self.near = _NearImages(near_distance) if mode == "near" else None
@@ -74,7 +74,7 @@ class Duplicates:
         the sample is kept."""
         text = tuple(normalise_caption(c) for c in captions)
         image_id, audio_id = _digest(image), _digest(audio)
-        whole = (text, image_id, audio_id)
+        whole = hashlib.sha256(repr((text, image_id, audio_id)).encode()).digest()
         phash = None
         if text and whole in self.samples:
             return {"reason": "same_caption", "of": self.samples[whole]}

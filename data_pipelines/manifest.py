@@ -397,9 +397,15 @@ def _split_rows(
 
 
 def _write_splits(
-    splits_rows: dict[str, list[Row]], rows_out: _Rows, out: Path, *, max_count: int, max_bytes: int,
+    splits_rows: dict[str, list[Row]],
+    rows_out: _Rows,
+    out: Path,
+    *,
+    max_count: int,
+    max_bytes: int,
     progress: bool,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
+    """Each split's shards (write_shards()'s summary), built row by row as they are written."""
     splits: dict[str, Any] = {}
     total = sum(len(r) for r in splits_rows.values())
     with tqdm(total=total, desc="writing shards", unit="row", disable=not progress) as bar:

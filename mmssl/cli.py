@@ -31,13 +31,14 @@ CREDENTIALS_ENV = "MMSSL_URL_CREDENTIALS"  # launcher -> ranks: what config.json
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn a mistake in what the user gave (a config value, a path) into one line and exit code 2.
-    Only the checks run inside; errors raised while training keep their traceback."""
+def user_errors(*, show: bool = True) -> Iterator[None]:
+    """Turn a mistake in what the user gave (a config value, a path) into one line (``show``: on this
+    rank) and exit code 2. Only the checks run inside; errors raised while training keep their traceback."""
     try:
         yield
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"mmssl: error: {mask(str(e))}", file=sys.stderr)
+        if show:
+            print(f"mmssl: error: {mask(str(e))}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -248,6 +249,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _launch(args)
 
     from mmssl import checkpoint, engine, evaluate
+    from mmssl.runlog import on_terminal
 
     rank, world_size = 0, 1
     if worker:
@@ -262,10 +264,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if rank == 0:
         where = f"{mask(cfg.data.eval_shards)} (layout {cfg.data.eval_layout_name()}, {world_size} rank(s))"
         print(f"evaluating {args.checkpoint} on {where}", flush=True)
-    with user_errors():  # the data's own mistakes (no sample, labels of two kinds) are the user's too
+    with user_errors(show=rank == 0):  # data that holds no sample, a label rule it cannot meet: one line
         evaluate.run_eval(
-            model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size
-        )
+            model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size,
+            progress=on_terminal(),
+        )  # fmt: skip
     if worker:
         engine.shutdown()
     if rank == 0:
