@@ -1,8 +1,10 @@
-"""engine.compile: compiled trunks give the eager loss and gradients, and keep the state dict keys."""
+"""engine.compile: compiled trunks give the eager loss and gradients, and keep the state dict keys; the
+compiled code is what ran (dynamo's counters show graphs compiled and no frame falling back)."""
 
 import copy
 
 import torch
+from torch._dynamo.utils import counters
 from test_flops import batch_for
 
 from mmssl.config import apply_overrides
@@ -23,7 +25,14 @@ def test_compiled_trunks_equal_eager_forward_and_backward():
     assert compile_trunks(compiled) == 3  # two towers and the MAE decoder
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     batch = batch_for(cfg, 4)
-    out_e, out_c = eager(batch, step=3), compiled(batch, step=3)
+    torch._dynamo.reset()  # fresh caches and counters: graphs compiled by other tests do not count
+    counters.clear()
+    out_e = eager(batch, step=3)
+    assert not counters["stats"]["unique_graphs"]  # the eager copy compiles nothing
+    out_c = compiled(batch, step=3)
+    # each trunk's forward became a graph (the MAE decoder's and both towers'), and dynamo ran it whole
+    assert counters["stats"]["unique_graphs"] >= 3, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
     for name in out_e:
         assert torch.allclose(out_c[name], out_e[name], atol=1e-5), name
     out_e["loss"].backward()

@@ -1,5 +1,5 @@
 """Mixed sources with missing modalities: an image-text source and an audio-text source, trained
-together with every objective; each loss sees only the rows it should."""
+together with every objective; each loss sees only the rows it should (per row, by its gradients)."""
 
 import json
 import subprocess
@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from test_flops import batch_for
 
 from data_pipelines import iter_samples, write_shards
 from mmssl.cli import main
+from mmssl.presets import get_preset
+from mmssl.task import Task
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,6 +61,36 @@ def test_mixed_sources_train_with_every_loss_masked(split_sources, tmp_path):
         for k in json.loads(line)["keys"]
     ]
     assert len(keys) == 6 * 16
+
+
+def test_every_loss_sees_exactly_its_rows():
+    """Per term and per row: a row's inputs get a gradient from a term exactly when the term should see
+    that row (a pair's term: both sides present; a masked term: its modality present). Absent inputs
+    hold random values here, so only the presence masks keep them out."""
+    torch.manual_seed(0)
+    cfg = get_preset("tiny_masked").validate()
+    task = Task(cfg)
+    rows = {"image": {0, 1, 4, 5, 7}, "text": {0, 1, 2, 3, 4, 5, 6}, "audio": {2, 3, 4, 5, 7}}
+    batch = batch_for(cfg, 8)
+    batch["present"] = {m: torch.tensor([i in rows[m] for i in range(8)]) for m in rows}
+    batch["image"].requires_grad_()
+    batch["audio"].requires_grad_()
+    seen = {}  # token embeddings [B, L, D] of the (corrupted) text: the text side's inputs
+    task.model.text.token_embedding.register_forward_hook(lambda _m, _a, out: seen.update(text=out))
+    out = task(batch)
+    inputs = {"image": batch["image"], "text": seen["text"], "audio": batch["audio"]}
+    terms = {f"masked_{m}_loss": (m,) for m in rows} | {
+        f"contrastive_{a}_{b}_loss": (a, b)
+        for a, b in (("image", "text"), ("image", "audio"), ("text", "audio"))
+    }
+    for term, modalities in terms.items():
+        grads = torch.autograd.grad(out[term], list(inputs.values()), retain_graph=True, allow_unused=True)
+        both = set.intersection(*(rows[m] for m in modalities))
+        for modality, grad in zip(inputs, grads, strict=True):
+            touched = (
+                set() if grad is None else set(torch.nonzero(grad.flatten(1).abs().sum(1)).flatten().tolist())
+            )
+            assert touched == (both if modality in modalities else set()), (term, modality)
 
 
 def test_shards_command_writes_and_verifies(tmp_path, demo_shards, capsys):
