@@ -36,6 +36,7 @@ if not torch.cuda.is_available():
 import deepspeed  # noqa: E402 - reads DS_ACCELERATOR on import
 import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import logger as ds_logger  # noqa: E402
+from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from mmssl.config import RunConfig  # noqa: E402
@@ -198,11 +199,43 @@ def lr_lambda(cfg: RunConfig):
     return factor
 
 
+Bounds = list[tuple[nn.Parameter, float, float]]
+
+
+def clamp_bounds(module: nn.Module) -> Bounds:
+    """Every (parameter, low, high) the submodules of ``module`` ask to be clamped to after each
+    optimizer step, through a ``clamp_bounds()`` method (the contrastive temperatures)."""
+    return [bound for m in module.modules() if hasattr(m, "clamp_bounds") for bound in m.clamp_bounds()]
+
+
+@torch.no_grad()
+def apply_bounds(bounds: Bounds) -> None:
+    """Clamp each parameter in place, in every copy DeepSpeed keeps of it, on this rank: a clamp is
+    elementwise, so clamping each rank's part of each copy clamps the whole, with no communication.
+
+    - the module's tensor: the whole parameter (no ZeRO, ZeRO-1/2, a ZeRO-3 persistent parameter) or
+      an empty placeholder (other ZeRO-3 parameters outside forward);
+    - ZeRO-3: this rank's partition of the working copy (``ds_tensor``, gathered for the next forward)
+      and of the fp32 master weights the optimizer steps (else the next step would undo the clamp);
+    - ZeRO-1/2 (and the bf16 optimizer): this rank's fragment of the fp32 master partition.
+    """
+    for param, low, high in bounds:
+        param.data.clamp_(low, high)
+        if hasattr(param, "ds_tensor"):
+            param.ds_tensor.clamp_(low, high)
+            master = safe_get_local_fp32_param(param)  # a copy when the master lives elsewhere (offload)
+            if master is not None:
+                safe_set_local_fp32_param(param, master.clamp(low, high))
+        elif getattr(param, "_hp_mapping", None) is not None:
+            param._hp_mapping.get_hp_fragment().clamp_(low, high)
+
+
 class Engine:
     """A DeepSpeed engine around the task, behind the few calls the training loop needs."""
 
     def __init__(self, task: nn.Module, cfg: RunConfig, info: DistInfo):
         self.info = info
+        self.bounds = clamp_bounds(task)
         self.ds_config = cap_buckets(resolve_ds_config(cfg, info.world_size), task)
         if cfg.engine.compile:
             compile_trunks(task)
@@ -232,9 +265,12 @@ class Engine:
         self.ds.backward(loss)
 
     def step(self) -> bool:
-        """Step the optimizer at an accumulation boundary; returns whether it stepped."""
+        """Step the optimizer at an accumulation boundary, then clamp the bounded parameters (as open_clip
+        clamps its logit scale after ``optimizer.step()``); returns whether it stepped."""
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.step()
+        if boundary:
+            apply_bounds(self.bounds)
         return boundary
 
     def train(self, mode: bool = True) -> None:

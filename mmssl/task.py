@@ -81,16 +81,15 @@ class Task(nn.Module):
             else:
                 embeddings[modality] = F.normalize(pooled, dim=-1)  # [B, E]
 
-        pair_terms = self.contrastive(embeddings, present)
-        if not pair_terms:
+        contrastive_terms = self.contrastive(embeddings, present)  # pairs weighted by their valid rows
+        if not contrastive_terms:
             raise ValueError(f"batch with modalities {sorted(embeddings)} gives no contrastive pair")
-        contrastive = torch.stack(list(pair_terms.values())).mean()
-        loss = o.contrastive.loss.at(step) * contrastive
+        loss = o.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
         for modality in self.model.modalities:
             name = f"masked_{modality}_loss"
             if name in terms:
                 loss = loss + o.masked(modality).loss.at(step) * terms[name]
-        out = {"loss": loss, "contrastive_loss": contrastive, **pair_terms, **terms}
+        out = {"loss": loss, **contrastive_terms, **terms}
         for name, scale in self.contrastive.scales().items():
             out[f"logit_scale_{name}"] = scale.detach()
         return out

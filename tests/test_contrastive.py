@@ -1,6 +1,7 @@
 """The contrastive objective against a direct computation, and its 2-rank gathered value against the
 single-process full batch (real gloo collectives, 2 processes)."""
 
+import math
 import os
 
 import pytest
@@ -30,27 +31,62 @@ def test_every_pair_equals_the_direct_computation():
     objective = ContrastiveObjective(ContrastiveConfig(init_temperature=0.1), MODALITIES)
     feats = features()
     terms = objective(feats)
-    assert set(terms) == {
-        "contrastive_image_text_loss",
-        "contrastive_image_audio_loss",
-        "contrastive_text_audio_loss",
-    }
-    for name, value in terms.items():
+    pairs = {"contrastive_image_text_loss", "contrastive_image_audio_loss", "contrastive_text_audio_loss"}
+    assert set(terms) == pairs | {"contrastive_loss"}
+    for name in pairs:
         a, b = name.removeprefix("contrastive_").removesuffix("_loss").split("_")
-        assert torch.allclose(value, reference_loss(feats[a], feats[b], 10.0), atol=1e-6)
+        assert torch.allclose(terms[name], reference_loss(feats[a], feats[b], 10.0), atol=1e-6)
+    # every row present in every pair: the weighted mean is the plain mean
+    assert torch.allclose(terms["contrastive_loss"], sum(terms[n] for n in pairs) / 3)
 
 
-def test_absent_modality_drops_its_pairs_and_scale_is_clamped():
+def test_absent_modality_drops_its_pairs_and_the_temperature_trains_past_its_bound():
+    """The scale is not clamped in forward (the engine clamps the parameter after each step), so its
+    gradient stays alive at and above the bound."""
     objective = ContrastiveObjective(ContrastiveConfig(max_logit_scale=20.0), MODALITIES)
-    with torch.no_grad():
-        objective.logit_scale["image_text"].fill_(10.0)  # exp(10) >> 20
-    feats = features()
-    del feats["audio"]
-    terms = objective(feats)
-    assert list(terms) == ["contrastive_image_text_loss"]
-    assert torch.allclose(
-        terms["contrastive_image_text_loss"], reference_loss(feats["image"], feats["text"], 20.0)
-    )
+    for log_scale in (math.log(20.0), 4.0):  # at the bound, and above it
+        with torch.no_grad():
+            objective.logit_scale["image_text"].fill_(log_scale)
+        feats = features()
+        del feats["audio"]
+        terms = objective(feats)
+        assert list(terms) == ["contrastive_image_text_loss", "contrastive_loss"]
+        expected = reference_loss(feats["image"], feats["text"], math.exp(log_scale))
+        assert torch.allclose(terms["contrastive_image_text_loss"], expected)
+        objective.zero_grad()
+        terms["contrastive_loss"].backward()
+        assert objective.logit_scale["image_text"].grad.abs() > 1e-4, log_scale
+    assert objective.clamp_bounds()[0][1:] == (0.0, math.log(20.0))
+
+
+def _mixed_presence() -> dict[str, torch.Tensor]:
+    """A mix of two sources: rows 0-9 image-text, rows 10-15 audio-text; no row has image and audio."""
+    image = torch.arange(16) < 10
+    return {"image": image, "text": torch.ones(16, dtype=torch.bool), "audio": ~image}
+
+
+def test_pairs_are_weighted_by_rows_and_an_absent_pair_changes_nothing():
+    present = _mixed_presence()
+    runs = {}
+    for pairs in ((), ("image_text", "text_audio")):  # every pair, and without the one that is absent
+        torch.manual_seed(0)
+        objective = ContrastiveObjective(ContrastiveConfig(pairs=pairs), MODALITIES)
+        feats = {m: f.clone().requires_grad_(True) for m, f in features().items()}
+        terms = objective(feats, present)
+        terms["contrastive_loss"].backward()
+        scale_grads = {n: p.grad for n, p in objective.logit_scale.items() if p.grad is not None}
+        runs[pairs] = (terms, {m: f.grad for m, f in feats.items()}, scale_grads)
+    (every, every_grads, every_scales), (two, two_grads, two_scales) = runs.values()
+    assert every["contrastive_image_audio_loss"] == 0
+    # 10 image-text rows and 6 audio-text rows: each valid (row, pair) counts once
+    weighted = (10 * every["contrastive_image_text_loss"] + 6 * every["contrastive_text_audio_loss"]) / 16
+    assert torch.allclose(every["contrastive_loss"], weighted)
+    assert torch.allclose(every["contrastive_loss"], two["contrastive_loss"])
+    for m in MODALITIES:
+        assert torch.allclose(every_grads[m], two_grads[m], atol=1e-7), m
+    for name, grad in two_scales.items():
+        assert torch.allclose(every_scales[name], grad)
+    assert every_scales["image_audio"] == 0  # present in the graph, but no row to learn from
 
 
 def test_temperature_is_learnable():

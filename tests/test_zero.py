@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +90,92 @@ def test_bf16_and_accumulation_train(demo_shards, tmp_path):
     rows = train(tmp_path / "bf16", demo_shards, "engine.precision=bf16", "train.steps=2")
     ds = json.loads((tmp_path / "bf16" / "ds_config.json").read_text())
     assert ds["bf16"]["enabled"] is True and len(rows) == 2 and rows[-1]["loss"] < 10
+
+
+class _Bounded(torch.nn.Module):
+    """A parameter that every step pushes past its bounds (by +-lr, Adam's first step), next to another
+    so ZeRO splits flat buffers across ranks; forward returns the value it computed with."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))  # 3 elements on 2 ranks: uneven partitions
+        self.other = torch.nn.Linear(4, 4)
+
+    def clamp_bounds(self):
+        return [(self.w, -0.5, 0.5)]
+
+    def forward(self, batch, step=0, micro=0):
+        direction = batch["direction"]  # [3]
+        loss = -(self.w * direction).sum() + 0 * self.other(batch["x"]).sum()
+        return {"loss": loss, "w": self.w.detach().clone()}
+
+
+DIRECTIONS = [[1.0, -1.0, 1.0]] + [[-1.0, 1.0, -1.0]] * 2  # out past the bounds, then back in
+
+
+def _bounded_run(model) -> list[list[float]]:
+    """The values of ``w`` that each step's forward saw."""
+    seen = []
+    for direction in DIRECTIONS:
+        out = model({"direction": torch.tensor(direction), "x": torch.zeros(2, 4)})
+        seen.append(out["w"].tolist())
+        model.backward(out["loss"])
+        model.step()
+    return seen
+
+
+def _clamp_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import os
+
+    from mmssl import engine
+    from mmssl.presets import get_preset
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))  # fmt: skip
+    info = engine.init_distributed()
+    for stage in (0, 2, 3):
+        cfg = get_preset("tiny")
+        cfg.engine.ds_config, cfg.engine.zero_stage = str(REPO / "ds_config.json"), stage
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.micro_batch_size = 2.0, 0, 2
+        torch.manual_seed(0)
+        out[(rank, stage)] = _bounded_run(engine.Engine(_Bounded(), cfg, info))
+    engine.shutdown()
+
+
+def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included():
+    """The contrastive temperature's clamp (open_clip's, after the optimizer step): a parameter pushed
+    past its bounds is clamped before the next forward, and the next step starts from the clamped
+    value (the fp32 master weights were clamped too, not only the module's copy), on 2 ranks under
+    no ZeRO, ZeRO-2 and ZeRO-3, exactly as a plain AdamW step followed by a clamp."""
+    import torch.multiprocessing as mp
+
+    from mmssl.engine import free_port
+
+    torch.manual_seed(0)
+    toy = _Bounded()
+    optimizer = torch.optim.AdamW(toy.parameters(), lr=2.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    expected = []
+    for direction in DIRECTIONS:
+        out = toy({"direction": torch.tensor(direction), "x": torch.zeros(2, 4)})
+        expected.append(out["w"].tolist())
+        optimizer.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(toy.parameters(), 1.0)  # ds_config.json's gradient_clipping
+        optimizer.step()
+        with torch.no_grad():
+            toy.w.clamp_(-0.5, 0.5)
+    # it crossed and was clamped; the way back starts at the bound (unclamped fp32 master weights would
+    # start from 2, and be clamped to 0.5 again)
+    assert expected[1] == [0.5, -0.5, 0.5] and 0 < expected[2][0] < 0.45
+    world = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_clamp_worker, args=(world, free_port(), results), nprocs=world, join=True)
+        results = dict(results)
+    assert sorted(results) == [(r, s) for r in range(world) for s in (0, 2, 3)]
+    wrong = {
+        k: v
+        for k, v in results.items()
+        if not torch.allclose(torch.tensor(v), torch.tensor(expected), atol=1e-5)
+    }
+    assert not wrong, (expected, wrong)

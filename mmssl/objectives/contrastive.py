@@ -6,9 +6,13 @@ sides are present, on every rank, and stays exact when ranks hold different coun
 absent rows neither query nor compete as negatives, and the mean runs over the valid rows of the
 whole global batch. With every row present it equals ``ClipLoss`` (a test checks it).
 
-Each pair has its own learnable temperature (a log logit scale, as in CLIP), clamped inside forward
-rather than after the optimizer step, so no code touches parameters outside forward (ZeRO-3 would
-need them gathered there).
+The contrastive loss is the mean of the pair terms weighted by each pair's valid rows in the global
+batch: every (row, pair) that has both sides counts once, so a pair absent from a batch (a mix of an
+image-text and an audio-text source) neither pulls the loss down nor dilutes the others.
+
+Each pair has its own learnable temperature (a log logit scale, as in CLIP). Like open_clip, it is not
+clamped in forward (a clamp there would zero its gradient past the bound) but on the parameter after
+each optimizer step: ``clamp_bounds()`` names the parameters and their bounds, the engine applies them.
 
 Axis legend: B rows per rank, N = B * world_size rows in all, R rows this rank scores, E embedding.
 """
@@ -48,12 +52,15 @@ class MaskedClipLoss(ClipLoss):
         dist.all_gather(parts, valid)
         return torch.cat(parts)
 
-    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, valid: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, a: Tensor, b: Tensor, logit_scale: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        """The loss over the valid rows of the global batch, and how many rows that is (a float tensor,
+        the same on every rank: taken from the presence gather the loss makes anyway, no extra sync)."""
         logits_ab, logits_ba = self.get_logits(a, b, logit_scale)  # [R, N] each
         labels = self.get_ground_truth(a.device, logits_ab.shape[0])  # [R]
         valid_all = self.gather_valid(valid)  # [N]
         valid_rows = valid if (self.local_loss and self.world_size > 1) else valid_all  # [R]
-        n_valid = valid_all.sum().clamp(min=1)
+        rows = valid_all.sum().float()
+        n_valid = rows.clamp(min=1)
         # local loss: each rank sums its own rows; scaled so that the engine's mean over ranks is the
         # mean over all valid rows
         scale = self.world_size / n_valid if (self.local_loss and self.world_size > 1) else 1.0 / n_valid
@@ -63,7 +70,7 @@ class MaskedClipLoss(ClipLoss):
             ce = F.cross_entropy(logits, labels, reduction="none")  # [R]
             return (ce * valid_rows).sum() * scale
 
-        return (directed(logits_ab) + directed(logits_ba)) / 2
+        return (directed(logits_ab) + directed(logits_ba)) / 2, rows
 
 
 class ContrastiveObjective(nn.Module):
@@ -88,25 +95,32 @@ class ContrastiveObjective(nn.Module):
         )
 
     def scales(self) -> dict[str, Tensor]:
-        return {
-            name: p.clamp(max=self.max_log_scale).exp().squeeze(0) for name, p in self.logit_scale.items()
-        }
+        return {name: p.exp().squeeze(0) for name, p in self.logit_scale.items()}
+
+    def clamp_bounds(self) -> list[tuple[nn.Parameter, float, float]]:
+        """Parameters to clamp after every optimizer step, with their bounds: each log logit scale in
+        [0, log(max_logit_scale)] (open_clip's [0, log 100]: a temperature between 1/100 and 1)."""
+        return [(p, 0.0, self.max_log_scale) for p in self.logit_scale.values()]
 
     def forward(
         self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Normalised embeddings ``{modality: [B, E]}`` and presence ``{modality: [B] bool}`` ->
-        ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran."""
+        ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran, and
+        ``"contrastive_loss"``, their mean weighted by valid rows (0 when no pair has a row anywhere)."""
         scales = self.scales()
-        terms = {}
+        terms, rows = {}, {}
         for a, b in self.pairs:
             if a in embeddings and b in embeddings:
-                rows = embeddings[a].shape[0]
-                valid = torch.ones(rows, dtype=torch.bool, device=embeddings[a].device)
+                valid = torch.ones(embeddings[a].shape[0], dtype=torch.bool, device=embeddings[a].device)
                 if present is not None:
                     valid = present[a] & present[b]  # [B]
-                name = pair_name(a, b)
-                terms[f"contrastive_{name}_loss"] = self.loss(
-                    embeddings[a], embeddings[b], scales[name], valid
+                name = f"contrastive_{pair_name(a, b)}_loss"
+                terms[name], rows[name] = self.loss(
+                    embeddings[a], embeddings[b], scales[pair_name(a, b)], valid
                 )
+        if terms:
+            total = sum(rows.values())
+            weighted = sum(terms[name] * rows[name] for name in terms)
+            terms["contrastive_loss"] = weighted / total.clamp(min=1)
         return terms
