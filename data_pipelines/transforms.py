@@ -25,7 +25,9 @@ Tokenizer = Callable[[list[str]], torch.Tensor]  # list of N captions -> LongTen
 _LOG_EPS = 1e-6
 
 
-def decode_image(data: bytes, spec: ImageSpec, train: bool) -> torch.Tensor:
+def decode_image(
+    data: bytes, spec: ImageSpec, train: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """PNG/JPEG/WebP bytes -> float32 [3, size, size], normalised by spec.mean/std.
 
     `train` is accepted so augmentation can be added without changing callers; it does nothing yet.
