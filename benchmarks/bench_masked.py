@@ -3,13 +3,18 @@
 1. Step time (forward + backward + AdamW step, on batches already in memory) of
    (a) contrastive only, unmasked towers;
    (b) contrastive + MAE image + MLM text + AudioMAE audio, one shared masked pass per tower;
-   (c) as (b) plus a second, unmasked pass for the contrastive loss.
-   Variants alternate round by round; medians are compared: b/a and c/a (target b/a <= 1.0).
+   (c) as (b) plus a second, unmasked pass for the contrastive loss;
+   (d) as (a) plus the view objectives of every tower (a second image / clip view from the loader, a
+       second dropout pass of each caption, model.text.dropout=0.1);
+   (e) as (b) plus the view objectives (each second view masked like the first).
+   Variants alternate round by round; medians are compared: b/a and c/a (target b/a <= 1.0), and what
+   the views cost: d/a and e/b.
 2. Linear-probe accuracy of frozen embeddings (logistic regression on the demo labels, train split ->
-   test split) after the same number of training steps for a, b and c: with and without the masked
-   objectives, and (c) with them but contrasting unmasked inputs.
+   test split) after the same number of training steps for every variant: with and without the masked
+   objectives, (c) with them but contrasting unmasked inputs, (d, e) with view objectives.
 
     .venv/bin/python benchmarks/bench_masked.py --preset small --probe-steps 300
+    .venv/bin/python benchmarks/bench_masked.py --preset tiny --rounds 1 --steps 2 --probe-steps 0  # smoke
 """
 
 from __future__ import annotations
@@ -29,10 +34,15 @@ from mmssl.config import RunConfig, apply_overrides
 from mmssl.presets import get_preset
 from mmssl.task import Task
 
+VIEWS = [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")] + [
+    "model.text.dropout=0.1"
+]
 VARIANTS = {
     "a: contrastive only": ("{preset}", []),
     "b: + masked, one pass": ("{preset}_masked", []),
     "c: + masked, extra unmasked pass": ("{preset}_masked", ["objectives.unmasked_contrastive_pass=true"]),
+    "d: + views": ("{preset}", VIEWS),
+    "e: + masked, one pass, + views": ("{preset}_masked", VIEWS),
 }
 
 
@@ -98,7 +108,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant per round")
-    p.add_argument("--probe-steps", type=int, default=300)
+    p.add_argument("--probe-steps", type=int, default=300, help="0: step times only, no probes")
     p.add_argument("--out", type=Path, default=Path("runs/bench_masked.json"))
     args = p.parse_args()
     build_spoken_digits(args.shards, progress=True)
@@ -108,7 +118,7 @@ def main() -> None:
     }
 
     first = next(iter(cfgs.values()))
-    loader = iter(data.loader(cfgs["b: + masked, one pass"], train=True))
+    loader = iter(data.loader(cfgs["e: + masked, one pass, + views"], train=True))  # with second views
     batches = [next(loader) for _ in range(4)]
     del loader
     times = step_times(cfgs, batches, args.rounds, args.steps)
@@ -116,7 +126,7 @@ def main() -> None:
     base = medians["a: contrastive only"]
 
     probes = {}
-    for name in cfgs:  # c tells whether a gap between a and b comes from contrasting masked inputs
+    for name in cfgs if args.probe_steps else ():  # c: does a gap between a and b come from masked inputs?
         probes[name] = train_and_probe(cfgs[name], args.probe_steps, desc=f"train {name[:1]}")
 
     print(f"\npreset {args.preset}, batch {args.batch}, {torch.get_num_threads()} threads, fp32 CPU")
@@ -126,15 +136,27 @@ def main() -> None:
     b_a = medians["b: + masked, one pass"] / base
     c_a = medians["c: + masked, extra unmasked pass"] / base
     print(f"b/a = {b_a:.2f} (target <= 1.0: {'met' if b_a <= 1.0 else 'missed'}), c/a = {c_a:.2f}")
-    print(f"\nlinear probe after {args.probe_steps} steps (top-1 on the test split)")
-    modalities = sorted(next(iter(probes.values())))
-    print(f"{'variant':<36}" + "".join(f"{m:>10}" for m in modalities))
-    for name, result in probes.items():
-        print(f"{name:<36}" + "".join(f"{result[m]['top1']:>10.3f}" for m in modalities))
+    d_a = medians["d: + views"] / base
+    e_b = medians["e: + masked, one pass, + views"] / medians["b: + masked, one pass"]
+    print(f"views cost: d/a = {d_a:.2f} (contrastive only), e/b = {e_b:.2f} (masked, one pass)")
+    if probes:
+        print(f"\nlinear probe after {args.probe_steps} steps (top-1 on the test split)")
+        modalities = sorted(next(iter(probes.values())))
+        print(f"{'variant':<36}" + "".join(f"{m:>10}" for m in modalities))
+        for name, result in probes.items():
+            print(f"{name:<36}" + "".join(f"{result[m]['top1']:>10.3f}" for m in modalities))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(
         json.dumps(
-            {"preset": first.preset, "step_seconds": medians, "b/a": b_a, "c/a": c_a, "probe": probes},
+            {
+                "preset": first.preset,
+                "step_seconds": medians,
+                "b/a": b_a,
+                "c/a": c_a,
+                "d/a": d_a,
+                "e/b": e_b,
+                "probe": probes,
+            },  # fmt: skip
             indent=2,
         )
     )

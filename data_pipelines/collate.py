@@ -14,6 +14,8 @@ Batch format (B samples):
     image     FloatTensor [B, 3, H, W]    )
     text      LongTensor [B, L]           ) only the configured modalities (L may be trimmed)
     audio     FloatTensor [B, M, F]       )
+    image_view, audio_view                  a second view of the same rows, where the stream decodes one
+                                            (StreamConfig.views); absent with the modality: present[...]
     present   {modality: BoolTensor [B]}
 """
 
@@ -23,6 +25,7 @@ from typing import Any
 import torch
 
 MODALITIES = ("image", "text", "audio")
+VIEWS = ("image_view", "audio_view")
 
 
 def collate(
@@ -48,7 +51,7 @@ def collate(
         "label_name": [y if isinstance(y, str) else "" for y in labels],
         "present": {},
     }
-    for modality in MODALITIES:
+    for modality in MODALITIES + VIEWS:
         if not any(modality in s for s in samples):
             continue  # the stream was not configured with this modality
         rows = [s.get(modality) for s in samples]
@@ -69,7 +72,8 @@ def collate(
         batch[modality] = torch.stack([zero if r is None else r for r in rows])  # [B, ...]
         if modality == "text" and trim_text is not None:
             batch["text"] = trim_padding(batch["text"], trim_text)  # [B, L'] with L' <= L
-        batch["present"][modality] = torch.tensor([r is not None for r in rows], dtype=torch.bool)  # [B]
+        if modality in MODALITIES:  # a view is present where its modality is
+            batch["present"][modality] = torch.tensor([r is not None for r in rows], dtype=torch.bool)  # [B]
     return batch
 
 

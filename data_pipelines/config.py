@@ -65,6 +65,9 @@ class StreamConfig:
     pin_memory: bool = False  # page-locked batches for faster host-to-GPU copies
     # cut text batches after their longest caption, but not below this many tokens (None: keep L)
     trim_text: int | None = None
+    # training only: modalities ("image", "audio") that also get a second view, "<modality>_view": the
+    # same bytes decoded and augmented again with the sample's generator (for view objectives)
+    views: tuple[str, ...] = ()
     max_bad_in_a_row: int = 1000  # a worker stops with an error after this many bad samples in a row
     retries: int = 3  # a remote shard's stream that fails mid-way is retried this often, then counted as bad
 
@@ -82,6 +85,12 @@ class StreamConfig:
         self.layout = resolve_layout(self.layout)
         self.sources = tuple(_source(s) for s in self.sources)
         configured = self.modalities()
+        self.views = tuple(self.views)
+        for modality in self.views:
+            if modality not in ("image", "audio") or modality not in configured:
+                raise ValueError(
+                    f"StreamConfig.views: {modality!r} is not an image or audio modality this stream loads"
+                )
         for i, source in enumerate(self.source_list()):
             if not any(source.layout.entries(m) for m in configured):
                 raise ValueError(

@@ -144,6 +144,10 @@ def decode_sample(
     flip and jitter, audio crop, caption pick). With `templates` (see `templates()`), every tensor's
     shape and dtype is checked.
     Raises BadSample; at least one configured modality is present in what it returns.
+
+    In training, each modality of cfg.views also gets "<modality>_view" (None where the modality is):
+    its bytes decoded and augmented once more, drawn from `generator` after every other draw, so
+    turning views on leaves the first view as it was and a resumed stream repeats both.
     """
     fields = _Fields(raw)
     layout = layout or cfg.layout
@@ -181,6 +185,11 @@ def decode_sample(
                 out["audio"] = audio_to_logmel(wave, sr, cfg.audio, cfg.train, generator)  # [M, F]
         except Exception as exn:  # PIL and libsndfile raise many types for bad bytes
             raise fields.bad(f"bad_{modality}", f"{entry}: {_reason(exn)}") from exn
+    for modality in cfg.views if cfg.train else ():
+        hit = found[modality]
+        out[f"{modality}_view"] = (
+            None if hit is None else _second_view(fields, modality, *hit, cfg, generator)
+        )
 
     for modality, template in (templates or {}).items():
         tensor = out.get(modality)
@@ -191,6 +200,24 @@ def decode_sample(
                 f"expected {tuple(template.shape)} {template.dtype}",
             )
     return out
+
+
+def _second_view(
+    fields: _Fields,
+    modality: str,
+    entry: str,
+    value: Any,
+    cfg: StreamConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """Another draw of the training transforms of an image or clip the first view decoded already."""
+    try:
+        if modality == "image":
+            return decode_image(value, cfg.image, cfg.train, generator)  # [3, S, S]
+        wave, sr = decode_audio_clip(value, cfg.audio, cfg.train, generator)  # [<= span]
+        return audio_to_logmel(wave, sr, cfg.audio, cfg.train, generator)  # [M, F]
+    except Exception as exn:  # as for the first view (a random crop may reach other bytes)
+        raise fields.bad(f"bad_{modality}", f"{entry} (second view): {_reason(exn)}") from exn
 
 
 def wanted_files(layout: Layout, modalities: tuple[str, ...]) -> frozenset[str]:
@@ -212,6 +239,8 @@ def templates(cfg: StreamConfig, tokenizer: Tokenizer | None) -> dict[str, torch
         out["text"] = torch.zeros_like(tokenize("", tokenizer))  # [L]
     if cfg.audio is not None:
         out["audio"] = torch.zeros(cfg.audio.n_mels, cfg.audio.n_frames)  # [M, F]
+    for modality in cfg.views if cfg.train else ():
+        out[f"{modality}_view"] = out[modality]
     return out
 
 

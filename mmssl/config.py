@@ -68,10 +68,15 @@ class TextTowerConfig:
     mlp_ratio: float = 4.0
     causal: bool = True  # CLIP-style causal attention; bidirectional towers serve masked language modelling
     grad_checkpointing: bool = False
+    # BERT-style dropout on attention weights and on each block's residual branches (training only);
+    # SimCSE's text views (objectives.views.text) are two passes that differ only in it
+    dropout: float = 0.0
 
     def validate(self, path: str) -> None:
         _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
         _heads_divide(self, path)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
@@ -235,6 +240,42 @@ class MaskedTextConfig:
 
 
 @dataclass(kw_only=True)
+class ViewConfig:
+    """An intra-modal contrastive term between two views of each sample (SimCLR / SLIP for images,
+    SimCSE for text, two crops of a clip for audio): a small projection head on the tower's pooled
+    features, then NT-Xent with a fixed temperature over both views of every present row of the global
+    batch. Images and audio take their second view from the loader (another draw of the training
+    augmentation); text takes a second pass with dropout (``model.text.dropout`` > 0)."""
+
+    enabled: bool = False
+    loss: LossWeight = field(default_factory=LossWeight)
+    temperature: float = 0.1  # SLIP and SimCLR use 0.1, SimCSE 0.05
+    head_layers: int = 3  # SLIP's MLP: Linear-LayerNorm-GELU twice, then Linear (1: one Linear)
+    head_width: int = 256  # hidden width of the head
+    out_dim: int = 64  # what NT-Xent compares
+
+    def validate(self, path: str) -> None:
+        self.loss.validate(f"{path}.loss")
+        _positive(self, path, "temperature", "head_layers", "head_width", "out_dim")
+
+
+@dataclass(kw_only=True)
+class ViewsConfig:
+    """One view objective per modality, each off by default."""
+
+    image: ViewConfig = field(default_factory=ViewConfig)
+    text: ViewConfig = field(default_factory=lambda: ViewConfig(temperature=0.05))
+    audio: ViewConfig = field(default_factory=ViewConfig)
+
+    def validate(self, path: str) -> None:
+        for name in MODALITIES:
+            getattr(self, name).validate(f"{path}.{name}")
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(m for m in MODALITIES if getattr(self, m).enabled)
+
+
+@dataclass(kw_only=True)
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     masked_image: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
@@ -243,9 +284,11 @@ class ObjectivesConfig:
     # False: each tower runs once per step on its masked input and that pass also feeds the contrastive
     # loss (FLIP, CAV-MAE). True: a second, unmasked pass feeds the contrastive loss.
     unmasked_contrastive_pass: bool = False
+    # intra-modal terms between two views of each sample; see ViewConfig
+    views: ViewsConfig = field(default_factory=ViewsConfig)
 
     def validate(self, path: str = "objectives") -> None:
-        for name in ("contrastive", "masked_image", "masked_text", "masked_audio"):
+        for name in ("contrastive", "masked_image", "masked_text", "masked_audio", "views"):
             getattr(self, name).validate(f"{path}.{name}")
 
     def masked(self, modality: str) -> MaskedPatchConfig | MaskedTextConfig:
@@ -433,6 +476,7 @@ class RunConfig:
                 "engine.zero_stage=3 runs each tower once per step (the masked pass serves the contrastive loss): "
                 "set objectives.unmasked_contrastive_pass=false"
             )
+        self._validate_views()
         if self.engine.offload_params and self.engine.zero_stage not in (None, 3):
             raise ValueError(
                 f"engine.offload_params needs ZeRO stage 3, got engine.zero_stage={self.engine.zero_stage}"
@@ -450,6 +494,23 @@ class RunConfig:
                     f"objectives.masked_text needs model.text.vocab_size > {MASK_TOKEN_ID} (one id for [MASK])"
                 )
         return self
+
+    def _validate_views(self) -> None:
+        for modality in self.objectives.views.enabled():
+            path = f"objectives.views.{modality}"
+            if getattr(self.model, modality) is None:
+                raise ValueError(f"{path}.enabled but model.{modality} is off")
+            if self.engine.zero_stage == 3:
+                raise ValueError(
+                    f"engine.zero_stage=3 runs each tower once per step and {path} needs a second pass: "
+                    "use ZeRO-1/2 or turn the view objective off"
+                )
+        text = self.model.text
+        if self.objectives.views.text.enabled and text is not None and text.dropout <= 0:
+            raise ValueError(
+                "objectives.views.text compares two dropout passes of each caption: set model.text.dropout > 0 "
+                "(SimCSE uses 0.1)"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------

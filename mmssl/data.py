@@ -83,6 +83,8 @@ def stream_config(
         text=m.text is not None,
         pin_memory=torch.cuda.is_available(),
         trim_text=min_text_tokens(cfg) if d.trim_text and m.text is not None else None,
+        # a second augmented view for view objectives (text's second view is a dropout pass, not data)
+        views=tuple(v for v in cfg.objectives.views.enabled() if v != "text") if train else (),
     )
 
 

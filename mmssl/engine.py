@@ -129,6 +129,11 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         raise ValueError(
             "ZeRO-3 runs each tower once per step: set objectives.unmasked_contrastive_pass=false"
         )
+    if stage == 3 and cfg.objectives.views.enabled():
+        raise ValueError(
+            "ZeRO-3 runs each tower once per step and view objectives need a second pass: turn off "
+            + ", ".join(f"objectives.views.{m}" for m in cfg.objectives.views.enabled())
+        )
     precision = cfg.engine.precision
     bf16 = ds.setdefault("bf16", {})
     if precision != "auto":

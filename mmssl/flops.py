@@ -1,7 +1,7 @@
 """Model FLOPs per sample from the config's shapes, and the peak they are measured against (MFU).
 
-Counted: every matmul and convolution of the towers, the masked-objective decoders and heads, and
-the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
+Counted: every matmul and convolution of the towers, the masked-objective decoders and heads, the
+view objectives' second passes, heads and logits, and the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
 whose input is data and needs no gradient: 1 x forward). Masked passes count at their
 real size: an MAE encoder sees ``K + 1`` tokens, not ``L + 1``; the MLM head runs on its fixed
 number of selection slots per caption. Norms, softmax and elementwise work are left out, as in the usual MFU
@@ -87,6 +87,33 @@ def forward_flops_per_sample(
             parts["text"] += encoder if o.unmasked_contrastive_pass else 0.0
     pairs = len(o.contrastive.pair_names(m.modalities))
     parts["contrastive"] = pairs * 2 * global_batch * e  # one [B, N] logit matmul per pair, per row
+    parts.update(views_flops_per_sample(cfg, global_batch, text_tokens))
+    return parts
+
+
+def views_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int | None) -> dict[str, float]:
+    """Forward FLOPs of the view objectives: the second view's pass (masked as the contrastive pass is,
+    pooled without the projection), the head on both views, and NT-Xent's two ``[B, 2N]`` logit matmuls."""
+    m, o = cfg.model, cfg.objectives
+    parts: dict[str, float] = {}
+    for name in o.views.enabled():
+        tower, view = getattr(m, name), getattr(o.views, name)
+        if tower is None:
+            continue
+        masked = o.masked(name).enabled and not o.unmasked_contrastive_pass
+        if name == "text":
+            encoder = transformer_flops(
+                text_tokens or tower.context_length, tower.width, tower.depth, tower.mlp_ratio
+            )
+        else:
+            patches = tower_tokens(cfg)[name]
+            patch_dim = 3 * tower.patch_size**2 if name == "image" else tower.patch_freq * tower.patch_time
+            parts[f"views_{name}_patch_embed"] = 2 * patches * patch_dim * tower.width
+            seen = keep_count(patches, o.masked(name).mask_ratio) if masked else patches
+            encoder = transformer_flops(seen + 1, tower.width, tower.depth, tower.mlp_ratio)
+        dims = [tower.width] + [view.head_width] * (view.head_layers - 1) + [view.out_dim]
+        head = sum(2 * d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:], strict=True))
+        parts[f"views_{name}"] = encoder + 2 * head + 2 * 2 * (2 * global_batch) * view.out_dim
     return parts
 
 

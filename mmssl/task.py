@@ -5,13 +5,24 @@ when its masked objective is on, and that same pass gives the pooled embedding f
 loss (FLIP, CAV-MAE), so the masked objectives make a step cheaper, not dearer. With
 ``objectives.unmasked_contrastive_pass`` a second, clean pass feeds the contrastive loss instead.
 
+View objectives (``objectives.views.<modality>``) contrast the pass the contrastive loss saw (the
+first view) with one more pass of a second view: the loader's second augmentation of the image or
+clip (``batch["<modality>_view"]``), or the same caption again under other dropout. The second pass
+is treated like the first: masked at the same ratio with a fresh mask (text: a fresh corruption)
+when the contrastive pass is masked, whole otherwise; its masks are drawn after every first-pass
+mask, so turning views on leaves the first passes as they were. Dropout draws are seeded per (run
+seed, rank, step, micro-batch), like the masks, so a resumed run repeats them.
+
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
 so a weight never hides a term from the logs.
 
-Axis legend: B batch, E shared embedding dim.
+Axis legend: B batch, E shared embedding dim, D tower width.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +33,7 @@ from mmssl.model import MultimodalModel
 from mmssl.objectives import (
     ContrastiveObjective,
     MaskedTextObjective,
+    ViewObjective,
     masked_audio_objective,
     masked_image_objective,
 )
@@ -45,51 +57,103 @@ class Task(nn.Module):
         self.masked_image = masked_image_objective(o.masked_image, m.image) if on["image"] else None
         self.masked_text = MaskedTextObjective(o.masked_text, m.text) if on["text"] else None
         self.masked_audio = masked_audio_objective(o.masked_audio, m.audio) if on["audio"] else None
+        # built last: the other modules' initial weights do not depend on whether views are on
+        self.views = nn.ModuleDict(
+            {
+                name: ViewObjective(
+                    getattr(o.views, name), name, getattr(m, name).width, rank=rank, world_size=world_size
+                )
+                for name in o.views.enabled()
+                if getattr(m, name) is not None
+            }
+        )
+        self.dropout = m.text is not None and m.text.dropout > 0
 
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
 
     def forward(self, batch: dict[str, Tensor], step: int = 0, micro: int = 0) -> dict[str, Tensor]:
         """``step`` (optimizer steps so far) sets the scheduled loss weights; with ``micro`` (the micro-batch
-        within a gradient-accumulation window) it seeds the masks."""
+        within a gradient-accumulation window) it seeds the masks and dropout."""
         o = self.cfg.objectives
         present = batch["present"]
-        generator = None
+        device = next(iter(present.values())).device
+        seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
+        generator = torch.Generator(device=device).manual_seed(seed)
         embeddings: dict[str, Tensor] = {}
+        first_views: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}
-        for modality in self.model.modalities:
-            if modality not in batch:
-                continue
-            x = batch[modality]
-            objective = self.masked_objective(modality)
-            if objective is None:
-                embeddings[modality] = self.model.embed(modality, x)  # [B, E]
-                continue
-            if generator is None:
-                seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
-                generator = torch.Generator(device=x.device).manual_seed(seed)
-            tower = getattr(self.model, modality)
-            if modality == "text":
-                features, corrupted, masked_terms = objective(tower, x, present[modality], generator)
-                pooled = tower.forward_head(features, corrupted)
-            else:
-                features, masked_terms = objective(tower, x, present[modality], generator)
-                pooled = tower.forward_head(features)
-            terms.update(masked_terms)
-            if o.unmasked_contrastive_pass:
-                embeddings[modality] = self.model.embed(modality, x)
-            else:
-                embeddings[modality] = F.normalize(pooled, dim=-1)  # [B, E]
+        with self.seeded_dropout(seed, device):
+            for modality in self.model.modalities:
+                if modality not in batch:
+                    continue
+                if self.masked_objective(modality) is None and modality not in self.views:
+                    embeddings[modality] = self.model.embed(modality, batch[modality])  # [B, E]
+                    continue
+                features, seen, masked_terms = self.contrastive_pass(modality, batch, generator)
+                terms.update(masked_terms)
+                tower = getattr(self.model, modality)
+                args = (features, seen) if modality == "text" else (features,)  # text pools at its end token
+                embeddings[modality] = F.normalize(tower.forward_head(*args), dim=-1)  # [B, E]
+                if modality in self.views:
+                    first_views[modality] = tower.pool(*args)  # [B, D]
+            for modality, first in first_views.items():
+                second = self.second_view(modality, batch, generator)  # [B, D]
+                terms.update(self.views[modality](first, second, present[modality]))
 
         contrastive_terms = self.contrastive(embeddings, present)  # pairs weighted by their valid rows
         if not contrastive_terms:
             raise ValueError(f"batch with modalities {sorted(embeddings)} gives no contrastive pair")
         loss = o.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
         for modality in self.model.modalities:
-            name = f"masked_{modality}_loss"
-            if name in terms:
-                loss = loss + o.masked(modality).loss.at(step) * terms[name]
+            for name, weight in ((f"masked_{modality}_loss", o.masked(modality).loss),
+                                 (f"views_{modality}_loss", getattr(o.views, modality).loss)):  # fmt: skip
+                if name in terms:
+                    loss = loss + weight.at(step) * terms[name]
         out = {"loss": loss, **contrastive_terms, **terms}
         for name, scale in self.contrastive.scales().items():
             out[f"logit_scale_{name}"] = scale.detach()
         return out
+
+    def contrastive_pass(
+        self, modality: str, batch: dict[str, Tensor], generator: torch.Generator
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """The pass whose pooled embedding the contrastive loss takes: its token features, the input they
+        came from (text: the ids the tower saw, which pooling needs) and the masked objective's terms."""
+        x, tower = batch[modality], getattr(self.model, modality)
+        objective = self.masked_objective(modality)
+        if objective is None:
+            return tower.forward_features(x), x, {}
+        if modality == "text":
+            features, seen, masked_terms = objective(tower, x, batch["present"][modality], generator)
+        else:
+            features, masked_terms = objective(tower, x, batch["present"][modality], generator)
+            seen = x
+        if self.cfg.objectives.unmasked_contrastive_pass:
+            features, seen = tower.forward_features(x), x
+        return features, seen, masked_terms
+
+    def second_view(self, modality: str, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        """Pooled features ``[B, D]`` of a sample's second view, passed as the contrastive pass was."""
+        tower, objective = getattr(self.model, modality), self.masked_objective(modality)
+        masked = objective is not None and not self.cfg.objectives.unmasked_contrastive_pass
+        if modality == "text":
+            text = batch["text"]  # the same caption: dropout makes the view
+            tokens = objective.corrupt(text, generator)[0] if masked else text
+            return tower.pool(tower.forward_features(tokens), tokens)
+        key = f"{modality}_view"
+        assert key in batch, f"objectives.views.{modality} is on but the batch has no {key!r} (see data.py)"
+        x = batch[key]
+        keep = objective.draw_keep(x.shape[0], generator, x.device) if masked else None  # [B, K]
+        return tower.pool(tower.forward_features(x, keep))
+
+    @contextlib.contextmanager
+    def seeded_dropout(self, seed: int, device: torch.device) -> Iterator[None]:
+        """Dropout draws from torch's global generator: in training, seed it for this micro-batch (and
+        put it back afterwards), so ranks draw differently and a resumed run draws the same."""
+        if not (self.dropout and self.training):
+            yield
+            return
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed ^ 0x5DEECE66D)
+            yield

@@ -21,6 +21,9 @@ def batch_for(cfg, b: int) -> dict:
     if m.audio is not None:
         batch["audio"] = torch.randn(b, m.audio.n_mels, m.audio.n_frames)
     batch["present"] = {k: torch.ones(b, dtype=torch.bool) for k in batch}
+    for modality in cfg.objectives.views.enabled():
+        if modality != "text":
+            batch[f"{modality}_view"] = batch[modality].clone()
     return batch
 
 
@@ -31,6 +34,8 @@ def batch_for(cfg, b: int) -> dict:
         ("tiny_masked", []),
         ("tiny_masked", ["objectives.unmasked_contrastive_pass=true"]),
         ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
+        ("tiny", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
+        ("tiny_masked", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
     ],
 )
 def test_count_matches_torch_flop_counter(preset, overrides):

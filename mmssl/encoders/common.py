@@ -61,9 +61,13 @@ class PatchTransformer(nn.Module):
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x)
 
+    def pool(self, features: Tensor) -> Tensor:
+        """The class token's features: ``[B, 1 + K, D] -> [B, D]``."""
+        return features[:, 0]
+
     def forward_head(self, features: Tensor) -> Tensor:
         """Pool the class token and project: ``[B, 1 + K, D] -> [B, E]``."""
-        return features[:, 0] @ self.proj
+        return self.pool(features) @ self.proj
 
     def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
         return self.forward_head(self.forward_features(x, keep))

@@ -28,7 +28,7 @@ class TextTower(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = sdpa_transformer(
             cfg.width, cfg.depth, cfg.heads, cfg.mlp_ratio, causal=cfg.causal,
-            grad_checkpointing=cfg.grad_checkpointing,
+            grad_checkpointing=cfg.grad_checkpointing, dropout=cfg.dropout,
         )  # fmt: skip
         self.ln_final = LayerNorm(cfg.width)
         self.text_projection = nn.Parameter(torch.empty(cfg.width, embed_dim))
@@ -56,11 +56,14 @@ class TextTower(nn.Module):
         x = self.transformer(x + self.positional_embedding[:length], attn_mask=self._mask(text))
         return self.ln_final(x)
 
+    def pool(self, features: Tensor, text: Tensor) -> Tensor:
+        """The end-of-text token's features: ``[B, L, D] -> [B, D]``."""
+        position = (text == EOT_TOKEN_ID).int().argmax(dim=-1)  # [B]
+        return features[torch.arange(features.shape[0], device=features.device), position]
+
     def forward_head(self, features: Tensor, text: Tensor) -> Tensor:
         """Pool at the end-of-text token and project: ``[B, L, D] -> [B, E]``."""
-        position = (text == EOT_TOKEN_ID).int().argmax(dim=-1)  # [B]
-        eot = features[torch.arange(features.shape[0], device=features.device), position]
-        return eot @ self.text_projection
+        return self.pool(features, text) @ self.text_projection
 
     def forward(self, text: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(text), text)

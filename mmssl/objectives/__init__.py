@@ -6,6 +6,7 @@ from mmssl.objectives.masked_audio import MaskedAudioObjective
 from mmssl.objectives.masked_image import MaskedImageObjective
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 from mmssl.objectives.masked_text import MaskedTextObjective
+from mmssl.objectives.views import NTXentLoss, ViewObjective
 
 # The names mmssl.task still imports; the classes above replace them (drop with task.py's next edit)
 masked_audio_objective = MaskedAudioObjective
@@ -18,6 +19,8 @@ __all__ = [
     "MaskedImageObjective",
     "MaskedPatchObjective",
     "MaskedTextObjective",
+    "NTXentLoss",
+    "ViewObjective",
     "masked_audio_objective",
     "masked_image_objective",
 ]
