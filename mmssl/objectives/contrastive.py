@@ -1,4 +1,5 @@
-"""CLIP-style InfoNCE between every pair of modalities, built on open_clip's loss.
+"""Alignment between every pair of modalities: CLIP-style InfoNCE (built on open_clip's loss, here)
+or SigLIP's sigmoid loss (``siglip.py``), chosen per pair by ``objectives.contrastive.kind``/``kinds``.
 
 open_clip's ``ClipLoss`` gathers features from every rank (with gradients) and scores them; the
 subclass here adds what it lacks: a presence mask per row. A pair's loss uses only the rows where both
@@ -6,7 +7,8 @@ sides are present, on every rank, and stays exact when ranks hold different coun
 absent rows neither query nor compete as negatives, and the mean runs over the valid rows of the
 whole global batch. With every row present it equals ``ClipLoss`` (a test checks it).
 
-Each pair has its own learnable temperature (a log logit scale, as in CLIP), clamped inside forward
+Each pair has its own learnable temperature (a log logit scale, as in CLIP; SigLIP pairs also a
+bias), the scale clamped inside forward
 rather than after the optimizer step, so no code touches parameters outside forward (ZeRO-3 would
 need them gathered there).
 
@@ -24,6 +26,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from mmssl.config import ContrastiveConfig
+from mmssl.objectives.siglip import SigLipLoss, bias_for_batch
 
 ABSENT_LOGIT = -1e4  # finite, so a row with no valid candidate gives no NaN
 
@@ -60,24 +63,48 @@ class MaskedClipLoss(ClipLoss):
 
 
 class ContrastiveObjective(nn.Module):
+    """Every configured pair with its own loss kind (InfoNCE or SigLIP) and its own parameters: a log
+    logit scale per pair (``logit_scale.<pair>``) and, for SigLIP pairs, a bias (``logit_bias.<pair>``).
+    ``global_batch`` (rows per step across ranks) sets SigLIP's initial bias unless the config does."""
+
     def __init__(
-        self, cfg: ContrastiveConfig, modalities: tuple[str, ...], *, rank: int = 0, world_size: int = 1
+        self,
+        cfg: ContrastiveConfig,
+        modalities: tuple[str, ...],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        global_batch: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.pairs = cfg.pair_names(modalities)
-        init = math.log(1.0 / cfg.init_temperature)
+        self.kinds = {pair_name(a, b): cfg.kind_of(pair_name(a, b)) for a, b in self.pairs}
+        init = {"infonce": math.log(1.0 / cfg.init_temperature), "siglip": math.log(cfg.siglip.init_scale)}
         # shape [1], not 0-dim: DeepSpeed's universal-checkpoint conversion cannot merge 0-dim tensors
         self.logit_scale = nn.ParameterDict(
-            {pair_name(a, b): nn.Parameter(torch.full((1,), init)) for a, b in self.pairs}
+            {name: nn.Parameter(torch.full((1,), init[kind])) for name, kind in self.kinds.items()}
+        )
+        sigmoid_pairs = [name for name, kind in self.kinds.items() if kind == "siglip"]
+        bias = cfg.siglip.init_bias
+        if bias is None and sigmoid_pairs:
+            assert global_batch is not None, (
+                "SigLIP pairs need global_batch (or siglip.init_bias) for their bias"
+            )
+            bias = bias_for_batch(global_batch)
+        self.logit_bias = nn.ParameterDict(
+            {name: nn.Parameter(torch.full((1,), bias)) for name in sigmoid_pairs}
         )
         self.max_log_scale = math.log(cfg.max_logit_scale)
-        self.loss = MaskedClipLoss(
+        self.infonce = MaskedClipLoss(
             local_loss=cfg.local_loss,
             gather_with_grad=cfg.gather_with_grad,
             cache_labels=True,
             rank=rank,
             world_size=world_size,
+        )
+        self.siglip = SigLipLoss(
+            rank=rank, world_size=world_size, exchange=cfg.siglip.exchange, chunk_size=cfg.siglip.chunk_size
         )
 
     def scales(self) -> dict[str, Tensor]:
@@ -85,12 +112,16 @@ class ContrastiveObjective(nn.Module):
             name: p.clamp(max=self.max_log_scale).exp().squeeze(0) for name, p in self.logit_scale.items()
         }
 
+    def biases(self) -> dict[str, Tensor]:
+        """SigLIP pairs' logit biases (InfoNCE pairs have none)."""
+        return {name: p.squeeze(0) for name, p in self.logit_bias.items()}
+
     def forward(
         self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Normalised embeddings ``{modality: [B, E]}`` and presence ``{modality: [B] bool}`` ->
         ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran."""
-        scales = self.scales()
+        scales, biases = self.scales(), self.biases()
         terms = {}
         for a, b in self.pairs:
             if a in embeddings and b in embeddings:
@@ -99,7 +130,9 @@ class ContrastiveObjective(nn.Module):
                 if present is not None:
                     valid = present[a] & present[b]  # [B]
                 name = pair_name(a, b)
-                terms[f"contrastive_{name}_loss"] = self.loss(
-                    embeddings[a], embeddings[b], scales[name], valid
-                )
+                x, y = embeddings[a], embeddings[b]
+                if self.kinds[name] == "siglip":
+                    terms[f"contrastive_{name}_loss"] = self.siglip(x, y, scales[name], biases[name], valid)
+                else:
+                    terms[f"contrastive_{name}_loss"] = self.infonce(x, y, scales[name], valid)
         return terms
