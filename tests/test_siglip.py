@@ -174,3 +174,30 @@ def test_exchanged_loss_equals_full_batch(world: int):
         for name, p in objective.named_parameters():
             averaged = sum(param_grads[name] for _, _, param_grads in per_rank) / world
             assert torch.allclose(averaged, p.grad, atol=1e-5), (exchange, name)
+
+
+def test_export_carries_the_biases_to_mmssl_and_open_clip(tmp_path):
+    """An export folder made by hand (no DeepSpeed) with a SigLIP image-text pair exports again: the
+    biases stay beside the scales, and open_clip builds its model with the pair's logit_bias."""
+    import open_clip
+    from safetensors.torch import load_file, save_file
+
+    from mmssl import checkpoint
+    from mmssl.config import save_json
+    from mmssl.export import export
+    from mmssl.model import MultimodalModel
+    from mmssl.presets import tiny_siglip
+
+    cfg = tiny_siglip()
+    src = tmp_path / "src"
+    src.mkdir()
+    extras = {"logit_scale.image_text": torch.tensor(2.5), "logit_bias.image_text": torch.tensor(-4.25)}
+    save_file({**MultimodalModel(cfg.model).state_dict(), **extras}, str(src / "model.safetensors"))
+    save_json(cfg, src / "config.json")
+    summary = export(src, tmp_path / "out")
+    assert summary["logit_biases"] == {"image_text": -4.25}
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert float(saved["logit_bias.image_text"]) == -4.25
+    assert checkpoint.load(tmp_path / "out").logit_biases == {"image_text": -4.25}
+    oc = open_clip.create_model(summary["open_clip"]["model_name"], pretrained=None)
+    assert float(oc.logit_bias) == -4.25 and float(oc.logit_scale) == 2.5
