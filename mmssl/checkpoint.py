@@ -8,7 +8,7 @@ it (DeepSpeed, any ZeRO stage: consolidated to fp32 in this process), or a folde
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,8 +17,10 @@ from torch import Tensor
 from mmssl.config import RunConfig, load_json
 from mmssl.model import MultimodalModel
 
-EXPORT_WEIGHTS = "model.safetensors"  # the model's state dict plus "logit_scale.<pair>" (log scales)
+# the model's state dict plus "logit_scale.<pair>" (log scales) and "logit_bias.<pair>" (SigLIP pairs)
+EXPORT_WEIGHTS = "model.safetensors"
 LOGIT_SCALE_PREFIX = "logit_scale."
+LOGIT_BIAS_PREFIX = "logit_bias."
 
 
 @dataclass
@@ -28,6 +30,7 @@ class Checkpoint:
     run_dir: Path  # where the run's files are (config.json, metrics.jsonl)
     log_logit_scales: dict[str, float]  # pair ("image_text") -> log logit scale, clamped as in training
     source: str  # what was loaded, for reports
+    logit_biases: dict[str, float] = field(default_factory=dict)  # SigLIP pairs' learned biases
 
 
 def is_export(path: str | Path) -> bool:
@@ -95,20 +98,26 @@ def load(path: str | Path) -> Checkpoint:
 
         cfg = _config(p)
         tensors = load_file(str(p / EXPORT_WEIGHTS))
-        scales = {
-            k.removeprefix(LOGIT_SCALE_PREFIX): float(v)
-            for k, v in tensors.items()
-            if k.startswith(LOGIT_SCALE_PREFIX)
-        }
-        model_state = {k: v for k, v in tensors.items() if not k.startswith(LOGIT_SCALE_PREFIX)}
+        scales = _with_prefix(tensors, LOGIT_SCALE_PREFIX)
+        biases = _with_prefix(tensors, LOGIT_BIAS_PREFIX)
+        extras = (LOGIT_SCALE_PREFIX, LOGIT_BIAS_PREFIX)
+        model_state = {k: v for k, v in tensors.items() if not k.startswith(extras)}
         run_dir, source = p, f"{p} (exported)"
     else:
         state, cfg, run_dir, source = task_state(p)
         model_state, scales = split_task_state(state, cfg)
+        biases = _with_prefix(state, f"contrastive.{LOGIT_BIAS_PREFIX}")
     model = MultimodalModel(cfg.model)
     model.load_state_dict(model_state)
     model.eval()
-    return Checkpoint(model=model, cfg=cfg, run_dir=run_dir, log_logit_scales=scales, source=source)
+    return Checkpoint(
+        model=model, cfg=cfg, run_dir=run_dir, log_logit_scales=scales, source=source, logit_biases=biases
+    )
+
+
+def _with_prefix(state: dict[str, Tensor], prefix: str) -> dict[str, float]:
+    """``{prefix + pair: one-element tensor}`` entries of a state dict -> ``{pair: value}``."""
+    return {k.removeprefix(prefix): float(v.detach()) for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()

@@ -166,33 +166,75 @@ class LossWeight:
         return self.weight * min(1.0, (step + 1) / self.warmup_steps)
 
 
+ContrastiveKind = Literal["infonce", "siglip"]
+
+
+@dataclass(kw_only=True)
+class SigLipConfig:
+    """Settings of the pairs trained with the sigmoid loss (``mmssl/objectives/siglip.py``)."""
+
+    init_scale: float = 10.0  # the logit scale t starts here (learned as log t, as SigLIP does)
+    init_bias: float | None = None  # None: log(p / (1 - p)) with p = 1 / global batch (open_clip issue 650)
+    exchange: Literal["bidir", "gather"] = "bidir"  # how the second side's features reach other ranks
+    chunk_size: int = 0  # > 0: score that many local rows at a time, recomputed in backward (less memory)
+
+    def validate(self, path: str) -> None:
+        _positive(self, path, "init_scale")
+        if self.chunk_size < 0:
+            raise ValueError(f"{path}.chunk_size must be >= 0 (0: no chunking), got {self.chunk_size}")
+
+
 @dataclass(kw_only=True)
 class ContrastiveConfig:
-    """InfoNCE between every pair of modalities present in a batch (open_clip's ClipLoss), using only
-    the rows where both sides are present."""
+    """Alignment between every pair of modalities present in a batch, using only the rows where both
+    sides are present: InfoNCE (open_clip's ClipLoss) or SigLIP's sigmoid loss, chosen per pair.
+
+    ``kind`` applies to every pair; ``kinds`` overrides it for named pairs, e.g.
+    ``objectives.contrastive.kinds.text_audio=siglip`` (JSON: ``"kinds": {"text_audio": "siglip"}``).
+    ``local_loss`` and ``gather_with_grad`` are InfoNCE's; ``siglip.*`` are SigLIP's."""
 
     loss: LossWeight = field(default_factory=LossWeight)
     pairs: tuple[str, ...] = ()  # e.g. ["image_text", "text_audio"]; empty: every pair of the model's towers
-    init_temperature: float = 0.07
-    max_logit_scale: float = 100.0
+    kind: ContrastiveKind = "infonce"
+    kinds: dict[str, ContrastiveKind] = field(default_factory=dict)  # pair -> kind, overriding `kind`
+    init_temperature: float = 0.07  # InfoNCE pairs' initial temperature (logit scale 1 / it)
+    max_logit_scale: float = 100.0  # every pair's logit scale is clamped here
     local_loss: bool = False  # True: each rank scores its own rows against all (less memory, same gradient)
     gather_with_grad: bool = True
+    siglip: SigLipConfig = field(default_factory=SigLipConfig)
 
     def validate(self, path: str) -> None:
         self.loss.validate(f"{path}.loss")
+        self.siglip.validate(f"{path}.siglip")
         _positive(self, path, "init_temperature", "max_logit_scale")
         if 1.0 / self.init_temperature > self.max_logit_scale:
             raise ValueError(f"{path}: 1/init_temperature exceeds max_logit_scale={self.max_logit_scale}")
+        if self.siglip.init_scale > self.max_logit_scale:
+            raise ValueError(f"{path}.siglip.init_scale exceeds max_logit_scale={self.max_logit_scale}")
+        for name, kind in {"": self.kind, **self.kinds}.items():
+            if kind not in typing.get_args(ContrastiveKind):
+                field_ = f"{path}.kinds.{name}" if name else f"{path}.kind"
+                raise ValueError(
+                    f"{field_} must be one of {list(typing.get_args(ContrastiveKind))}, got {kind!r}"
+                )
 
     def pair_names(self, modalities: tuple[str, ...]) -> list[tuple[str, str]]:
         every = [(a, b) for i, a in enumerate(modalities) for b in modalities[i + 1 :]]
-        if not self.pairs:
-            return every
         known = {f"{a}_{b}": (a, b) for a, b in every}
         for name in self.pairs:
             if name not in known:
                 raise ValueError(f"objectives.contrastive.pairs: {name!r} is not one of {sorted(known)}")
-        return [known[name] for name in self.pairs]
+        chosen = [known[name] for name in self.pairs] if self.pairs else every
+        names = [f"{a}_{b}" for a, b in chosen]
+        for name in self.kinds:
+            if name not in names:
+                raise ValueError(
+                    f"objectives.contrastive.kinds: {name!r} is not a trained pair; pairs are {names}"
+                )
+        return chosen
+
+    def kind_of(self, pair: str) -> ContrastiveKind:
+        return self.kinds.get(pair, self.kind)
 
 
 @dataclass(kw_only=True)
@@ -543,6 +585,10 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         *parents, leaf = dotted.strip().split(".")
         node: Any = cfg
         walked = []
+        one_key = bool(parents) and _is_mapping_field(cfg, parents)
+        if one_key:  # mapping.key=value sets one key of a mapping field (mapping={...} replaces it)
+            *parents, leaf, key = dotted.strip().split(".")
+            dotted, raw = ".".join([*parents, leaf]), json.dumps({key: _parse_value(raw)})
         for part in parents:
             walked.append(part)
             if not dataclasses.is_dataclass(node) or part not in _field_names(node):
@@ -557,10 +603,27 @@ def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
         tp = _field_types(node)[leaf]
         try:
             value = _coerce(tp, _parse_value(raw), dotted)
-        except ValueError:
-            value = _coerce(tp, raw, dotted)  # a string field given something that looks like JSON
+        except ValueError as first:
+            try:
+                value = _coerce(tp, raw, dotted)  # a string field given something that looks like JSON
+            except ValueError:
+                raise first from None
+        if one_key:
+            value = {**getattr(node, leaf), **value}
         setattr(node, leaf, value)
     return cfg
+
+
+def _is_mapping_field(cfg: Any, parts: list[str]) -> bool:
+    """Whether the dotted path ``parts`` names a field of mapping type (``dict[str, ...]``)."""
+    node: Any = cfg
+    for part in parts[:-1]:
+        if not dataclasses.is_dataclass(node) or part not in _field_names(node):
+            return False
+        node = getattr(node, part)
+    if node is None or not dataclasses.is_dataclass(node) or parts[-1] not in _field_names(node):
+        return False
+    return typing.get_origin(_field_types(node)[parts[-1]]) is dict
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -650,6 +713,11 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
             raise ValueError(f"{path} must be a list, got {value!r}")
         item_tp = args[0] if args else Any
         return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f'{path} must be a mapping, e.g. {{"key": value}}, got {value!r}')
+        key_tp, value_tp = args
+        return {_coerce(key_tp, k, path): _coerce(value_tp, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value

@@ -4,6 +4,7 @@ image and text towers are open_clip-compatible, an open_clip checkpoint.
 Layout written under the output folder::
 
     model.safetensors   the model's state dict (every tower) + "logit_scale.<pair>" (log scales)
+                        + "logit_bias.<pair>" (SigLIP pairs)
     config.json         the run config (enough to rebuild the model: ``mmssl.api.load(OUT)``)
     export.json         what was exported, from where, and the open_clip verdict
     open_clip/          open_clip_config.json + open_clip_model.safetensors, for
@@ -12,7 +13,8 @@ Layout written under the output folder::
 The image and text towers are named like open_clip's VisionTransformer and TextTransformer (same
 blocks, GELU, LayerNorm, class-token pooling, projection matrices), so the open_clip state dict is a
 renaming: image tower -> ``visual.*``, text tower -> the CLIP model's top level, plus ``logit_scale``
-(the image-text pair's learned log scale). It is compatible only when both towers exist and the text
+(the image-text pair's learned log scale) and, when that pair was trained with SigLIP, ``logit_bias``
+(open_clip's SigLIP models carry one: ``init_logit_bias`` in the config). It is compatible only when both towers exist and the text
 tower is causal (CLIP's), since open_clip pools the end-of-text token of a causal transformer.
 """
 
@@ -27,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mmssl.checkpoint import EXPORT_WEIGHTS, LOGIT_SCALE_PREFIX, contiguous_copy, load
+from mmssl.checkpoint import EXPORT_WEIGHTS, LOGIT_BIAS_PREFIX, LOGIT_SCALE_PREFIX, contiguous_copy, load
 from mmssl.config import RunConfig, save_json
 
 OPEN_CLIP_DIR = "open_clip"
@@ -45,8 +47,9 @@ def open_clip_incompatibility(cfg: RunConfig) -> str | None:
     return None
 
 
-def open_clip_config(cfg: RunConfig) -> dict[str, Any]:
-    """The model and preprocessing config open_clip reads from ``open_clip_config.json``."""
+def open_clip_config(cfg: RunConfig, logit_bias: float | None = None) -> dict[str, Any]:
+    """The model and preprocessing config open_clip reads from ``open_clip_config.json``; a SigLIP
+    image-text pair's bias makes open_clip build its model with a ``logit_bias``."""
     image, text = cfg.model.image, cfg.model.text
     assert image is not None and text is not None
     model_cfg = {
@@ -80,16 +83,22 @@ def open_clip_config(cfg: RunConfig) -> dict[str, Any]:
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
+    if logit_bias is not None:
+        model_cfg["init_logit_bias"] = logit_bias
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
-def open_clip_state(model_state: dict[str, Tensor], log_logit_scale: float | None) -> dict[str, Tensor]:
+def open_clip_state(
+    model_state: dict[str, Tensor], log_logit_scale: float | None, logit_bias: float | None = None
+) -> dict[str, Tensor]:
     """Our model's state dict -> open_clip CLIP's (image tower under ``visual.``, text tower at the top)."""
     out = {f"visual.{k.removeprefix('image.')}": v for k, v in model_state.items() if k.startswith("image.")}
     out.update({k.removeprefix("text."): v for k, v in model_state.items() if k.startswith("text.")})
     # open_clip starts logit_scale at log(1/0.07); an untrained image-text pair keeps that value
     value = math.log(1 / 0.07) if log_logit_scale is None else log_logit_scale
     out["logit_scale"] = torch.tensor(value, dtype=torch.float32)
+    if logit_bias is not None:
+        out["logit_bias"] = torch.tensor(logit_bias, dtype=torch.float32)
     return out
 
 
@@ -100,6 +109,7 @@ def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     state = contiguous_copy(ckpt.model.state_dict())
     scales = {f"{LOGIT_SCALE_PREFIX}{k}": torch.tensor(v) for k, v in ckpt.log_logit_scales.items()}
+    scales |= {f"{LOGIT_BIAS_PREFIX}{k}": torch.tensor(v) for k, v in ckpt.logit_biases.items()}
     save_file(
         {**state, **scales}, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": ckpt.source}
     )
@@ -112,15 +122,18 @@ def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "embed_dim": ckpt.cfg.model.embed_dim,
         "parameters": sum(v.numel() for v in state.values()),
         "logit_scales": {k: math.exp(v) for k, v in ckpt.log_logit_scales.items()},
+        "logit_biases": ckpt.logit_biases,
     }
     reason = open_clip_incompatibility(ckpt.cfg)
     if reason is None:
         oc_dir = out / OPEN_CLIP_DIR
         oc_dir.mkdir(exist_ok=True)
-        (oc_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(ckpt.cfg), indent=2) + "\n")
-        log_scale = ckpt.log_logit_scales.get("image_text")
+        log_scale, bias = ckpt.log_logit_scales.get("image_text"), ckpt.logit_biases.get("image_text")
+        (oc_dir / OPEN_CLIP_CONFIG).write_text(json.dumps(open_clip_config(ckpt.cfg, bias), indent=2) + "\n")
         save_file(
-            open_clip_state(state, log_scale), str(oc_dir / OPEN_CLIP_WEIGHTS), metadata={"format": "pt"}
+            open_clip_state(state, log_scale, bias),
+            str(oc_dir / OPEN_CLIP_WEIGHTS),
+            metadata={"format": "pt"},
         )
         summary["open_clip"] = {"dir": str(oc_dir), "model_name": f"local-dir:{oc_dir}"}
         if log_scale is None:

@@ -1,7 +1,8 @@
 """Named runs. Each preset is a function returning a whole :class:`RunConfig`; bigger ones derive from
 smaller ones and change only what differs. ``tiny`` trains on CPU in seconds (tests, the demo),
 ``small`` in minutes (CPU benchmarks); ``base`` and ``large`` are GPU-scale (ViT-B/16 and ViT-L/14 class).
-Each has a ``*_masked`` twin with every masked objective on besides the contrastive one.
+Each has a ``*_masked`` twin with every masked objective on besides the contrastive one; ``tiny`` and
+``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE.
 """
 
 from __future__ import annotations
@@ -133,6 +134,22 @@ def large_masked() -> RunConfig:
     return with_masked_objectives(large(), decoder_width=512, decoder_depth=8, decoder_heads=16)
 
 
+def with_siglip(cfg: RunConfig) -> RunConfig:
+    """Every pair trained with SigLIP's sigmoid loss instead of InfoNCE (``objectives.contrastive.kind``)."""
+    cfg.objectives.contrastive.kind = "siglip"
+    cfg.preset += "_siglip"
+    cfg.run_dir += "_siglip"
+    return cfg
+
+
+def tiny_siglip() -> RunConfig:
+    return with_siglip(tiny())
+
+
+def small_siglip() -> RunConfig:
+    return with_siglip(small())
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "small": small,
@@ -142,6 +159,8 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "small_masked": small_masked,
     "base_masked": base_masked,
     "large_masked": large_masked,
+    "tiny_siglip": tiny_siglip,
+    "small_siglip": small_siglip,
 }
 
 

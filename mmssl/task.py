@@ -51,7 +51,13 @@ class Task(nn.Module):
         self.rank = rank
         m, o = cfg.model, cfg.objectives
         self.model = MultimodalModel(m)
-        self.contrastive = ContrastiveObjective(o.contrastive, m.modalities, rank=rank, world_size=world_size)
+        self.contrastive = ContrastiveObjective(
+            o.contrastive,
+            m.modalities,
+            rank=rank,
+            world_size=world_size,
+            global_batch=cfg.optim.micro_batch_size * world_size,  # rows scored together in one step
+        )
         on = {name: m_cfg is not None and o.masked(name).enabled for name, m_cfg in
               (("image", m.image), ("text", m.text), ("audio", m.audio))}  # fmt: skip
         self.masked_image = masked_image_objective(o.masked_image, m.image) if on["image"] else None
@@ -113,6 +119,8 @@ class Task(nn.Module):
         out = {"loss": loss, **contrastive_terms, **terms}
         for name, scale in self.contrastive.scales().items():
             out[f"logit_scale_{name}"] = scale.detach()
+        for name, bias in self.contrastive.biases().items():
+            out[f"logit_bias_{name}"] = bias.detach()
         return out
 
     def contrastive_pass(

@@ -1,4 +1,5 @@
-"""CLIP-style InfoNCE between every pair of modalities, built on open_clip's loss.
+"""Alignment between every pair of modalities: CLIP-style InfoNCE (built on open_clip's loss, here)
+or SigLIP's sigmoid loss (``siglip.py``), chosen per pair by ``objectives.contrastive.kind``/``kinds``.
 
 open_clip's ``ClipLoss`` gathers features from every rank (with gradients) and scores them; the
 subclass here adds what it lacks: a presence mask per row. A pair's loss uses only the rows where both
@@ -10,9 +11,10 @@ The contrastive loss is the mean of the pair terms weighted by each pair's valid
 batch: every (row, pair) that has both sides counts once, so a pair absent from a batch (a mix of an
 image-text and an audio-text source) neither pulls the loss down nor dilutes the others.
 
-Each pair has its own learnable temperature (a log logit scale, as in CLIP). Like open_clip, it is not
-clamped in forward (a clamp there would zero its gradient past the bound) but on the parameter after
-each optimizer step: ``clamp_bounds()`` names the parameters and their bounds, the engine applies them.
+Each pair has its own learnable temperature (a log logit scale, as in CLIP; SigLIP pairs also a
+bias). Like open_clip, the scale is not clamped in forward (a clamp there would zero its gradient
+past the bound) but on the parameter after each optimizer step: ``clamp_bounds()`` names the
+parameters and their bounds, the engine applies them.
 
 Axis legend: B rows per rank, N = B * world_size rows in all, R rows this rank scores, E embedding.
 """
@@ -29,6 +31,7 @@ from open_clip.loss import ClipLoss
 from torch import Tensor, nn
 
 from mmssl.config import ContrastiveConfig
+from mmssl.objectives.siglip import SigLipLoss, bias_for_batch
 
 # open_clip's gather (gather_with_grad) calls torch.distributed.nn.all_gather, which torch deprecates with
 # a FutureWarning on every rank; not ours to change, and nothing a user can act on
@@ -74,24 +77,48 @@ class MaskedClipLoss(ClipLoss):
 
 
 class ContrastiveObjective(nn.Module):
+    """Every configured pair with its own loss kind (InfoNCE or SigLIP) and its own parameters: a log
+    logit scale per pair (``logit_scale.<pair>``) and, for SigLIP pairs, a bias (``logit_bias.<pair>``).
+    ``global_batch`` (rows per step across ranks) sets SigLIP's initial bias unless the config does."""
+
     def __init__(
-        self, cfg: ContrastiveConfig, modalities: tuple[str, ...], *, rank: int = 0, world_size: int = 1
+        self,
+        cfg: ContrastiveConfig,
+        modalities: tuple[str, ...],
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        global_batch: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.pairs = cfg.pair_names(modalities)
-        init = math.log(1.0 / cfg.init_temperature)
+        self.kinds = {pair_name(a, b): cfg.kind_of(pair_name(a, b)) for a, b in self.pairs}
+        init = {"infonce": math.log(1.0 / cfg.init_temperature), "siglip": math.log(cfg.siglip.init_scale)}
         # shape [1], not 0-dim: DeepSpeed's universal-checkpoint conversion cannot merge 0-dim tensors
         self.logit_scale = nn.ParameterDict(
-            {pair_name(a, b): nn.Parameter(torch.full((1,), init)) for a, b in self.pairs}
+            {name: nn.Parameter(torch.full((1,), init[kind])) for name, kind in self.kinds.items()}
+        )
+        sigmoid_pairs = [name for name, kind in self.kinds.items() if kind == "siglip"]
+        bias = cfg.siglip.init_bias
+        if bias is None and sigmoid_pairs:
+            assert global_batch is not None, (
+                "SigLIP pairs need global_batch (or siglip.init_bias) for their bias"
+            )
+            bias = bias_for_batch(global_batch)
+        self.logit_bias = nn.ParameterDict(
+            {name: nn.Parameter(torch.full((1,), bias)) for name in sigmoid_pairs}
         )
         self.max_log_scale = math.log(cfg.max_logit_scale)
-        self.loss = MaskedClipLoss(
+        self.infonce = MaskedClipLoss(
             local_loss=cfg.local_loss,
             gather_with_grad=cfg.gather_with_grad,
             cache_labels=True,
             rank=rank,
             world_size=world_size,
+        )
+        self.siglip = SigLipLoss(
+            rank=rank, world_size=world_size, exchange=cfg.siglip.exchange, chunk_size=cfg.siglip.chunk_size
         )
 
     def scales(self) -> dict[str, Tensor]:
@@ -102,23 +129,30 @@ class ContrastiveObjective(nn.Module):
         [0, log(max_logit_scale)] (open_clip's [0, log 100]: a temperature between 1/100 and 1)."""
         return [(p, 0.0, self.max_log_scale) for p in self.logit_scale.values()]
 
+    def biases(self) -> dict[str, Tensor]:
+        """SigLIP pairs' logit biases (InfoNCE pairs have none)."""
+        return {name: p.squeeze(0) for name, p in self.logit_bias.items()}
+
     def forward(
         self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
     ) -> dict[str, Tensor]:
         """Normalised embeddings ``{modality: [B, E]}`` and presence ``{modality: [B] bool}`` ->
         ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran, and
         ``"contrastive_loss"``, their mean weighted by valid rows (0 when no pair has a row anywhere)."""
-        scales = self.scales()
+        scales, biases = self.scales(), self.biases()
         terms, rows = {}, {}
         for a, b in self.pairs:
             if a in embeddings and b in embeddings:
                 valid = torch.ones(embeddings[a].shape[0], dtype=torch.bool, device=embeddings[a].device)
                 if present is not None:
                     valid = present[a] & present[b]  # [B]
-                name = f"contrastive_{pair_name(a, b)}_loss"
-                terms[name], rows[name] = self.loss(
-                    embeddings[a], embeddings[b], scales[pair_name(a, b)], valid
-                )
+                name = pair_name(a, b)
+                x, y = embeddings[a], embeddings[b]
+                term = f"contrastive_{name}_loss"
+                if self.kinds[name] == "siglip":
+                    terms[term], rows[term] = self.siglip.counted(x, y, scales[name], biases[name], valid)
+                else:
+                    terms[term], rows[term] = self.infonce(x, y, scales[name], valid)
         if terms:
             total = sum(rows.values())
             weighted = sum(terms[name] * rows[name] for name in terms)
