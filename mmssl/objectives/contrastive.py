@@ -86,11 +86,16 @@ class ContrastiveObjective(nn.Module):
         }
 
     def forward(
-        self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
+        self,
+        embeddings: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        scales: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Normalised embeddings ``{modality: [B, E]}`` and presence ``{modality: [B] bool}`` ->
-        ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran."""
-        scales = self.scales()
+        ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran. ``scales``
+        (``{pair: scalar}``, default :meth:`scales`) lets cached accumulation score a window outside the
+        engine's forward, where no parameter is touched."""
+        scales = self.scales() if scales is None else scales
         terms = {}
         for a, b in self.pairs:
             if a in embeddings and b in embeddings:
