@@ -202,6 +202,11 @@ class ContrastiveConfig:
     local_loss: bool = False  # True: each rank scores its own rows against all (less memory, same gradient)
     gather_with_grad: bool = True
     siglip: SigLipConfig = field(default_factory=SigLipConfig)
+    # Under gradient accumulation (optim.grad_accum_steps = K): "local" scores each micro-batch against its
+    # own negatives only; "cached" scores the whole window of K micro-batches at once (GradCache: a forward
+    # without gradients, then one with), giving the gradient of one batch K times as large at the memory
+    # of one micro-batch, for about one more forward per micro-batch (mmssl/accumulate.py).
+    accumulate: Literal["local", "cached"] = "local"
 
     def validate(self, path: str) -> None:
         self.loss.validate(f"{path}.loss")

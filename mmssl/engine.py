@@ -269,6 +269,12 @@ class Engine:
     def backward(self, loss: Tensor) -> None:
         self.ds.backward(loss)
 
+    @property
+    def loss_divisor(self) -> int:
+        """What :meth:`backward` divides each micro-batch's loss by: DeepSpeed scales it by
+        1/gradient_accumulation_steps, so that the accumulated gradient averages the micro-batches'."""
+        return self.ds.gradient_accumulation_steps()
+
     def step(self) -> bool:
         """Step the optimizer at an accumulation boundary, then clamp the bounded parameters (as open_clip
         clamps its logit scale after ``optimizer.step()``); returns whether it stepped."""

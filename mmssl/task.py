@@ -14,7 +14,9 @@ mask, so turning views on leaves the first passes as they were. Dropout draws ar
 seed, rank, step, micro-batch), like the masks, so a resumed run repeats them.
 
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
-so a weight never hides a term from the logs.
+so a weight never hides a term from the logs. Cached accumulation (mmssl/accumulate.py) uses the
+pieces separately: the towers' pass (:meth:`Task.encode`), the contrastive loss over a whole window,
+and the masked terms.
 
 Axis legend: B batch, E shared embedding dim, D tower width.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -78,10 +81,11 @@ class Task(nn.Module):
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
 
-    def forward(self, batch: dict[str, Tensor], step: int = 0, micro: int = 0) -> dict[str, Tensor]:
-        """``step`` (optimizer steps so far) sets the scheduled loss weights; with ``micro`` (the micro-batch
-        within a gradient-accumulation window) it seeds the masks and dropout."""
-        o = self.cfg.objectives
+    def encode(
+        self, batch: dict[str, Tensor], step: int, micro: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The towers' pass: normalised embeddings ``{modality: [B, E]}`` for the contrastive loss, and
+        the micro-batch's own terms (masked objectives' losses and ratios, view objectives' losses)."""
         present = batch["present"]
         device = next(iter(present.values())).device
         seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
@@ -106,17 +110,61 @@ class Task(nn.Module):
             for modality, first in first_views.items():
                 second = self.second_view(modality, batch, generator)  # [B, D]
                 terms.update(self.views[modality](first, second, present[modality]))
+        return embeddings, terms
 
-        contrastive_terms = self.contrastive(embeddings, present)  # pairs weighted by their valid rows
-        if not contrastive_terms:
+    def contrastive_loss(
+        self,
+        embeddings: dict[str, Tensor],
+        present: dict[str, Tensor],
+        scales: dict[str, Tensor] | None = None,
+        biases: dict[str, Tensor] | None = None,
+    ) -> dict[str, Tensor]:
+        """Unweighted: ``"contrastive_loss"`` (pairs weighted by their valid rows) and every pair's term
+        (``scales`` and ``biases`` as in the objective)."""
+        terms = self.contrastive(embeddings, present, scales, biases)
+        if not terms:
             raise ValueError(f"batch with modalities {sorted(embeddings)} gives no contrastive pair")
-        loss = o.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
+        return terms
+
+    def add_local_terms(self, loss: Tensor, terms: dict[str, Tensor], step: int) -> Tensor:
+        """``loss`` plus the weighted masked and view objectives' losses of one micro-batch."""
+        o = self.cfg.objectives
         for modality in self.model.modalities:
             for name, weight in ((f"masked_{modality}_loss", o.masked(modality).loss),
                                  (f"views_{modality}_loss", getattr(o.views, modality).loss)):  # fmt: skip
                 if name in terms:
                     loss = loss + weight.at(step) * terms[name]
-        out = {"loss": loss, **contrastive_terms, **terms}
+        return loss
+
+    def forward(
+        self,
+        batch: dict[str, Tensor],
+        step: int = 0,
+        micro: int = 0,
+        *,
+        embed_only: bool = False,
+        window: WindowGradients | None = None,
+    ) -> dict[str, Tensor]:
+        """``step`` (optimizer steps so far) sets the scheduled loss weights; with ``micro`` (the micro-batch
+        within a gradient-accumulation window) it seeds the masks and dropout. Cached accumulation calls it
+        twice per micro-batch: ``embed_only`` (its pass without gradients: embeddings, scales, biases and
+        local terms), then with its ``window`` gradients, for a loss to backpropagate (mmssl/accumulate.py)."""
+        embeddings, terms = self.encode(batch, step, micro)
+        if embed_only:
+            local = self.add_local_terms(embeddings[next(iter(embeddings))].new_zeros(()), terms, step)
+            return {
+                "embeddings": embeddings,
+                "scales": self.contrastive.scales(),
+                "biases": self.contrastive.biases(),
+                "masked_loss": local,
+                **terms,
+            }
+        if window is not None:
+            surrogate = window.surrogate(embeddings, self.contrastive.scales(), self.contrastive.biases())
+            return {"loss": self.add_local_terms(surrogate, terms, step)}
+        contrastive_terms = self.contrastive_loss(embeddings, batch["present"])
+        weighted = self.cfg.objectives.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
+        out = {"loss": self.add_local_terms(weighted, terms, step), **contrastive_terms, **terms}
         for name, scale in self.contrastive.scales().items():
             out[f"logit_scale_{name}"] = scale.detach()
         for name, bias in self.contrastive.biases().items():
@@ -165,3 +213,28 @@ class Task(nn.Module):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed ^ 0x5DEECE66D)
             yield
+
+
+@dataclass
+class WindowGradients:
+    """What cached accumulation hands a micro-batch's second pass: the window loss's gradient w.r.t. this
+    micro-batch's embeddings ``{modality: [B, E]}`` and, for one micro-batch of the window, w.r.t. the
+    logit scales and SigLIP biases ``{pair: scalar}`` (empty for the others, so they count once)."""
+
+    embeddings: dict[str, Tensor]
+    scales: dict[str, Tensor] = field(default_factory=dict)
+    biases: dict[str, Tensor] = field(default_factory=dict)
+
+    def surrogate(
+        self, embeddings: dict[str, Tensor], scales: dict[str, Tensor], biases: dict[str, Tensor]
+    ) -> Tensor:
+        """A scalar whose gradient through the fresh ``embeddings``, ``scales`` and ``biases`` is the
+        window loss's."""
+        total = next(iter(embeddings.values())).new_zeros(())
+        for modality, grad in self.embeddings.items():
+            total = total + (embeddings[modality] * grad).sum()  # [B, E] * [B, E] -> scalar
+        for name, grad in self.scales.items():
+            total = total + scales[name] * grad
+        for name, grad in self.biases.items():
+            total = total + biases[name] * grad
+        return total

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines import BAD_KINDS, combine_states
-from mmssl import data, engine, evaluate, flops, report
+from mmssl import accumulate, data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
 from mmssl.model import MultimodalModel
 from mmssl.runlog import RunLog, Throughput, Work
@@ -125,24 +125,33 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     )
     # a resumed loader continues at the next sample this run had not consumed
     loader = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state)
-    batches = iter(loader)
+    stream = iter(loader)
     keys = KeyLog(run_dir, info.rank, resumed_at=step if resume else None) if cfg.train.record_keys else None
 
+    # the unit trained (or skipped) at once: a micro-batch, or under cached accumulation a whole window
+    cached = cfg.objectives.contrastive.accumulate == "cached"
+    unit = cfg.optim.grad_accum_steps if cached else 1
     start, first_loss, last = time.perf_counter(), None, {}
     micro, data_wait, attempts, bad_in_a_row, skipped = 0, 0.0, 0, 0, 0
     eng.train()
     while step < cfg.train.steps:
         fetch = time.perf_counter()
-        batch = to_device(next(batches), info.device, eng.dtype)
+        batches = [to_device(next(stream), info.device, eng.dtype) for _ in range(unit)]
         data_wait += time.perf_counter() - fetch
-        attempts += 1
-        out = train_step(eng, batch, step=step, micro=micro, poison=attempts in cfg.train.inject_nonfinite_at)
+        poison = any(attempts + i in cfg.train.inject_nonfinite_at for i in range(1, unit + 1))
+        attempts += unit
+        if cached:
+            out = accumulate.train_window(eng, batches, step=step, poison=poison)
+        else:
+            out = train_step(eng, batches[0], step=step, micro=micro, poison=poison)
         if keys is not None:
-            keys.write(step + 1, batch["__key__"], skipped=out is None)
+            for batch in batches:
+                keys.write(step + 1, batch["__key__"], skipped=out is None)
         if out is None:
             skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+            what = "window" if cached else "micro-batch"
             log.write(
-                f"step {step + 1}: non-finite loss, micro-batch skipped ({bad_in_a_row} in a row, {skipped} in all)"
+                f"step {step + 1}: non-finite loss, {what} skipped ({bad_in_a_row} in a row, {skipped} in all)"
             )
             if bad_in_a_row >= cfg.train.max_bad_steps:
                 raise RuntimeError(
@@ -151,8 +160,9 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
                 )
             continue
         bad_in_a_row = 0
-        work.add(batch)
-        micro = (micro + 1) % cfg.optim.grad_accum_steps
+        for batch in batches:
+            work.add(batch)
+        micro = (micro + unit) % cfg.optim.grad_accum_steps
         if not out.pop("stepped"):
             continue  # inside a gradient-accumulation window
         step += 1

@@ -134,12 +134,19 @@ class ContrastiveObjective(nn.Module):
         return {name: p.squeeze(0) for name, p in self.logit_bias.items()}
 
     def forward(
-        self, embeddings: dict[str, Tensor], present: dict[str, Tensor] | None = None
+        self,
+        embeddings: dict[str, Tensor],
+        present: dict[str, Tensor] | None = None,
+        scales: dict[str, Tensor] | None = None,
+        biases: dict[str, Tensor] | None = None,
     ) -> dict[str, Tensor]:
         """Normalised embeddings ``{modality: [B, E]}`` and presence ``{modality: [B] bool}`` ->
         ``{"contrastive_<a>_<b>_loss": t}`` for every configured pair whose towers both ran, and
-        ``"contrastive_loss"``, their mean weighted by valid rows (0 when no pair has a row anywhere)."""
-        scales, biases = self.scales(), self.biases()
+        ``"contrastive_loss"``, their mean weighted by valid rows (0 when no pair has a row anywhere).
+        ``scales`` and ``biases`` (``{pair: scalar}``, default :meth:`scales` and :meth:`biases`) let
+        cached accumulation score a window outside the engine's forward, where no parameter is touched."""
+        scales = self.scales() if scales is None else scales
+        biases = self.biases() if biases is None else biases
         terms, rows = {}, {}
         for a, b in self.pairs:
             if a in embeddings and b in embeddings:

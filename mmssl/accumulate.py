@@ -1,0 +1,124 @@
+"""Cached gradient accumulation (``objectives.contrastive.accumulate=cached``): the contrastive loss of
+a whole accumulation window, at the memory of one micro-batch (GradCache, Gao et al. 2021; open_clip's
+``--accum-freq``).
+
+The contrastive loss couples the rows of a batch: each row's negatives are the other rows. Plain
+accumulation scores each micro-batch against its own negatives only. Here an optimizer step over a
+window of K micro-batches runs in three phases:
+
+1. each micro-batch through the towers without gradients: its embeddings are kept, with the masked
+   terms (so a non-finite window is skipped before anything is backpropagated);
+2. the contrastive loss over all K micro-batches at once (gathered across ranks as usual) and its
+   gradient w.r.t. the kept embeddings and the logit scales;
+3. each micro-batch again, with gradients: backward of ``sum(fresh embeddings * their slice of that
+   gradient)`` plus the micro-batch's own masked terms; the scales' gradient rides on the first
+   micro-batch only.
+
+The parameters' gradient is then the one of a single batch of the window's rows (same masks: they are
+seeded by (seed, rank, step, micro), and torch's random state is replayed for the second pass).
+
+Axis legend: K micro-batches in a window, B rows of one, E embedding dim.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmssl import engine
+from mmssl.task import Task, WindowGradients
+
+
+def train_window(
+    eng: engine.Engine, batches: list[dict[str, Any]], *, step: int, poison: bool = False
+) -> dict[str, Tensor] | None:
+    """One optimizer step over the K micro-batches of a window (K = optim.grad_accum_steps). Returns the
+    window's loss and terms for the log, or None when the loss was not finite on some rank: then no rank
+    ran backward or step."""
+    task: Task = eng.module
+    device = eng.info.device
+    rng, passes = [], []
+    with torch.no_grad():
+        for micro, batch in enumerate(batches):
+            rng.append(_rng_state(device))
+            passes.append(eng(batch, step=step, micro=micro, embed_only=True))
+    embeddings, present = _window_embeddings(task, passes, batches)  # {modality: [K*B, E]}, {modality: [K*B]}
+    scales = {name: s.detach().requires_grad_() for name, s in passes[0]["scales"].items()}
+    biases = {name: b.detach().requires_grad_() for name, b in passes[0]["biases"].items()}
+    with torch.enable_grad():
+        contrastive_terms = task.contrastive_loss(embeddings, present, scales, biases)
+    weighted = task.cfg.objectives.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
+    loss = weighted.detach() + torch.stack([p["masked_loss"] for p in passes]).mean()
+    if poison:  # a fault drill (train.inject_nonfinite_at)
+        loss = loss * float("nan")
+    if not engine.all_finite(loss):
+        return None
+
+    # The engine divides each micro-batch's loss by K, which averages the masked terms over the window;
+    # each micro-batch's slice of the contrastive gradient is already its whole share: scale it back up.
+    inputs = [*embeddings.values(), *scales.values(), *biases.values()]
+    grads = torch.autograd.grad(weighted * eng.loss_divisor, inputs, allow_unused=True)
+    n_emb, n_scales = len(embeddings), len(scales)
+    embedding_grads = dict(zip(embeddings, grads[:n_emb], strict=True))
+    scale_grads = {
+        n: g for n, g in zip(scales, grads[n_emb : n_emb + n_scales], strict=True) if g is not None
+    }
+    bias_grads = {n: g for n, g in zip(biases, grads[n_emb + n_scales :], strict=True) if g is not None}
+    stepped, start = False, 0
+    for micro, batch in enumerate(batches):
+        _set_rng_state(rng[micro], device)
+        rows, start = slice(start, start + _rows(batch)), start + _rows(batch)  # this micro-batch's rows
+        window = WindowGradients(
+            embeddings={m: g[rows] for m, g in embedding_grads.items() if g is not None and m in batch},
+            scales=scale_grads if micro == 0 else {},
+            biases=bias_grads if micro == 0 else {},
+        )
+        eng.backward(eng(batch, step=step, micro=micro, window=window)["loss"])
+        stepped = eng.step()
+    assert stepped, "a cached window must end at the engine's accumulation boundary"
+
+    out = {"loss": loss, **{name: value.detach() for name, value in contrastive_terms.items()}}
+    for name in passes[0]:
+        if name not in ("embeddings", "scales", "biases", "masked_loss"):  # the local terms, averaged
+            out[name] = torch.stack([p[name] for p in passes if name in p]).mean()
+    out.update({f"logit_scale_{name}": s.detach() for name, s in scales.items()})
+    out.update({f"logit_bias_{name}": b.detach() for name, b in biases.items()})
+    return {**out, "stepped": True}
+
+
+def _rows(batch: dict[str, Any]) -> int:
+    return len(batch["__key__"])
+
+
+def _window_embeddings(
+    task: Task, passes: list[dict[str, Any]], batches: list[dict[str, Any]]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The window's embeddings ``{modality: [K*B, E]}`` as leaves that take a gradient, and their presence
+    ``{modality: [K*B]}``. A micro-batch without some modality gives it zero rows marked absent."""
+    rows = [_rows(b) for b in batches]
+    embeddings, present = {}, {}
+    for m in task.model.modalities:
+        kept = [p["embeddings"].get(m) for p in passes]
+        like = next((e for e in kept if e is not None), None)
+        if like is None:
+            continue
+        embeddings[m] = torch.cat(
+            [like.new_zeros(n, like.shape[1]) if e is None else e for e, n in zip(kept, rows, strict=True)]
+        ).requires_grad_()  # [K*B, E]
+        present[m] = torch.cat(
+            [b["present"][m] if m in b["present"] else like.new_zeros(n, dtype=torch.bool)
+             for b, n in zip(batches, rows, strict=True)]
+        )  # fmt: skip
+    return embeddings, present
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
