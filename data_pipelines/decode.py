@@ -145,7 +145,7 @@ def decode_sample(
     shape and dtype is checked.
     Raises BadSample; at least one configured modality is present in what it returns.
 
-    In training, each modality of cfg.views also gets "<modality>_view" (None where the modality is):
+    In training, each modality of cfg.views also gets "<modality>_view" (None where the modality is absent):
     its bytes decoded and augmented once more, drawn from `generator` after every other draw, so
     turning views on leaves the first view as it was and a resumed stream repeats both.
     """

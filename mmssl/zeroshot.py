@@ -102,7 +102,10 @@ class Prompts:
     ) -> Tensor:
         """Class prototypes ``[C, E]``: the mean normalised prompt embedding of each class, renormalised."""
         tokens = tokenizer(self.texts()).to(device)  # [C*T, L]
+        was_training = model.training
+        model.eval()  # no dropout in the prototypes (model.text.dropout)
         emb = model.embed("text", tokens).float().cpu()  # [C*T, E], normalised
+        model.train(was_training)
         return prototypes(rearrange(emb, "(c t) e -> c t e", c=len(self.classes)))
 
 

@@ -287,3 +287,14 @@ def test_views_off_leaves_the_task_as_it_was():
 def test_config_names_the_setting_at_fault(overrides, message):
     with pytest.raises(ValueError, match=message):
         apply_overrides(get_preset("tiny"), overrides).validate()
+
+
+def test_zeroshot_prototypes_take_no_dropout_from_a_training_model():
+    from mmssl import data
+    from mmssl.zeroshot import DEFAULT_TEMPLATES, Prompts
+
+    cfg = view_config("tiny")
+    model = Task(cfg).train().model
+    prompts = Prompts(["zero", "one"], DEFAULT_TEMPLATES[:2])
+    embed = lambda: prompts.embed(model, data.tokenizer(cfg), device=torch.device("cpu"))  # noqa: E731
+    assert torch.equal(embed(), embed()) and model.training
