@@ -398,13 +398,11 @@ class DataConfig:
             if getattr(self, name) < 0:
                 raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
         _positive(self, path, "shuffle_buffer", "shards_per_round")
-        if self.eval_shards:
-            self.eval_layout_name(path)
 
     def eval_layout_name(self, path: str = "data") -> str:
         """The layout of the evaluation shards: ``eval_layout`` when set, else the training layout:
-        ``layout``, or with ``sources`` the layout they all share (sources of several layouts leave
-        no default: then ``eval_layout`` must be set)."""
+        ``layout``, or with ``sources`` the layout they all share. Sources of several layouts leave no
+        default: asked then (when evaluation data is read), this raises naming ``eval_layout``."""
         if self.eval_layout:
             return self.eval_layout
         if not self.sources:

@@ -98,6 +98,7 @@ def check_shards(cfg: RunConfig) -> None:
     """Fail before any worker starts when a shard path names nothing or a layout matches no file."""
     checks = [("data.train_shards" if cfg.data.train_shards else "data.sources", True)]
     if cfg.data.eval_shards and cfg.train.eval_at_end:  # training reads them only to evaluate at the end
+        cfg.data.eval_layout_name()  # raises naming data.eval_layout when it has no default
         checks.append(("data.eval_shards", False))
     for field, train in checks:
         try:

@@ -45,7 +45,7 @@ def _name(data: Embeddings, i: int) -> str:
 
 
 def kind(data: Embeddings, what: str) -> str:
-    """ "integer", "name" or "none": the kind of label ``data``'s samples carry; ``what`` names the split
+    """The kind of label ``data``'s samples carry: "integer", "name" or "none". ``what`` names the split
     in the error raised when it holds both integers and names."""
     numbered, named = _first(data)
     if named is not None and numbered is not None:
