@@ -205,6 +205,9 @@ def test_credentials_are_sent_and_never_shown(shards, server, tokenizer, tmp_pat
     spec = url(server, userinfo="reader:s3cret@")
     assert len(keys(take(build_loader(config(spec, train=False), tokenizer=tokenizer)))) == 24
     missing = url(server, "gone.tar", userinfo="reader:s3cret@")
+    loader = build_loader(config(f"{missing},{spec}", train=False), tokenizer=tokenizer)
+    assert len(keys(take(loader))) == 24 and loader.bad_data.counts == {"unreadable_shard": 1}
+    assert "s3cret" not in json.dumps(loader.bad_data.summary())
     report = verify_shards(f"{spec},{missing}")
     assert report["samples"] == 24 and len(report["unreadable"]) == 1
     assert "s3cret" not in json.dumps(report) and "***@127.0.0.1" in report["unreadable"][0]["shard"]
