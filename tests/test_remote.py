@@ -158,8 +158,9 @@ def test_a_dropped_connection_is_retried_from_the_sample_reached(shards, server,
     assert len(retries) == 1 and retries[0].startswith("bytes=") and int(retries[0][6:-1]) > 0
 
 
-def test_resume_over_http_continues_exactly(shards, server, tokenizer):
-    cfg = config(url(server))
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_over_http_continues_exactly(shards, server, tokenizer, num_workers):
+    cfg = config(url(server), num_workers=num_workers)
     first = build_loader(cfg, tokenizer=tokenizer)
     head = take(first, 3)
     state = json.loads(json.dumps(combine_states([first.state_dict()])))
