@@ -116,7 +116,7 @@ class _Dataset(torch.utils.data.IterableDataset):
         try:
             yield from scan_shard(url, retries=self.cfg.retries)
         except ShardError as exn:
-            report({"kind": exn.kind, "shard": url, "key": exn.key, "reason": exn.reason})
+            report({"kind": exn.kind, "shard": exn.url, "key": exn.key, "reason": exn.reason})  # masked
 
     def _rounds(
         self, base: tuple, source: int, round_: int, offset: int, log: BadDataLog

@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from data_pipelines import expand_shards
+from data_pipelines.remote import mask
 from mmssl import data, labels, probe, report, zeroshot
 from mmssl.config import EvalConfig, RunConfig
 from mmssl.encoders.text import PAD_ID
@@ -207,7 +208,7 @@ def embed_split(
     )
     whole = gather(part, world_size)
     if not whole.keys:
-        raise ValueError(f"the evaluation data {shards} holds no samples")
+        raise ValueError(f"the evaluation data {mask(shards)} holds no samples")
     return whole
 
 
@@ -373,14 +374,14 @@ def run_eval(
     results = None
     if rank == 0:
         results = evaluate_embeddings(test, cfg.eval)
-        results["shards"] = shards
+        results["shards"] = mask(shards)  # no URL credentials in the saved results
         if skipped:
             results["zeroshot"] = {"skipped": skipped}
         elif prompts is not None:
             results["zeroshot"] = zeroshot.evaluate(test, prototypes, prompts.classes, prompts.templates)
         if train is not None:
             results["probe"] = probe.evaluate(train, test, progress=progress)
-            results["probe_shards"] = plan.probe_shards
+            results["probe_shards"] = mask(plan.probe_shards)
         write_report(results, test, out_dir, plan, class_names=classes)
         print(format_table(results), flush=True)
     if world_size > 1:

@@ -158,8 +158,9 @@ def test_a_dropped_connection_is_retried_from_the_sample_reached(shards, server,
     assert len(retries) == 1 and retries[0].startswith("bytes=") and int(retries[0][6:-1]) > 0
 
 
-def test_resume_over_http_continues_exactly(shards, server, tokenizer):
-    cfg = config(url(server))
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_over_http_continues_exactly(shards, server, tokenizer, num_workers):
+    cfg = config(url(server), num_workers=num_workers)
     first = build_loader(cfg, tokenizer=tokenizer)
     head = take(first, 3)
     state = json.loads(json.dumps(combine_states([first.state_dict()])))
@@ -205,6 +206,9 @@ def test_credentials_are_sent_and_never_shown(shards, server, tokenizer, tmp_pat
     spec = url(server, userinfo="reader:s3cret@")
     assert len(keys(take(build_loader(config(spec, train=False), tokenizer=tokenizer)))) == 24
     missing = url(server, "gone.tar", userinfo="reader:s3cret@")
+    loader = build_loader(config(f"{missing},{spec}", train=False), tokenizer=tokenizer)
+    assert len(keys(take(loader))) == 24 and loader.bad_data.counts == {"unreadable_shard": 1}
+    assert "s3cret" not in json.dumps(loader.bad_data.summary())
     report = verify_shards(f"{spec},{missing}")
     assert report["samples"] == 24 and len(report["unreadable"]) == 1
     assert "s3cret" not in json.dumps(report) and "***@127.0.0.1" in report["unreadable"][0]["shard"]
