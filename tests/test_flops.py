@@ -29,6 +29,7 @@ def batch_for(cfg, b: int) -> dict:
     [
         ("tiny", []),
         ("tiny_masked", []),
+        ("tiny_siglip", ["objectives.contrastive.kinds.image_audio=infonce"]),
         ("tiny_masked", ["objectives.unmasked_contrastive_pass=true"]),
         ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
     ],

@@ -114,6 +114,12 @@ def test_initial_bias_and_per_pair_kinds():
         RunConfig(), ["objectives.contrastive.kinds.image_audio=siglip", "data.train_shards=x"]
     )
     assert run.validate().objectives.contrastive.kind_of("image_audio") == "siglip"
+    apply_overrides(run, ["objectives.contrastive.kinds.text_audio=siglip"])  # one key at a time adds
+    assert run.objectives.contrastive.kinds == {"image_audio": "siglip", "text_audio": "siglip"}
+    apply_overrides(run, ['objectives.contrastive.kinds={"image_text": "siglip"}'])  # a mapping replaces
+    assert run.objectives.contrastive.kinds == {"image_text": "siglip"}
+    with pytest.raises(ValueError, match=r"objectives.contrastive.kinds.text_audio must be one of"):
+        apply_overrides(run, ["objectives.contrastive.kinds.text_audio=sigmoid"])
     with pytest.raises(ValueError, match="objectives.contrastive.kinds: 'image_image'"):
         apply_overrides(run, ["objectives.contrastive.kinds.image_image=siglip"]).validate()
 
@@ -200,4 +206,4 @@ def test_export_carries_the_biases_to_mmssl_and_open_clip(tmp_path):
     assert float(saved["logit_bias.image_text"]) == -4.25
     assert checkpoint.load(tmp_path / "out").logit_biases == {"image_text": -4.25}
     oc = open_clip.create_model(summary["open_clip"]["model_name"], pretrained=None)
-    assert float(oc.logit_bias) == -4.25 and float(oc.logit_scale) == 2.5
+    assert oc.logit_bias.item() == -4.25 and oc.logit_scale.item() == 2.5
