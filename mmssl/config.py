@@ -174,7 +174,9 @@ class SigLipConfig:
     """Settings of the pairs trained with the sigmoid loss (``mmssl/objectives/siglip.py``)."""
 
     init_scale: float = 10.0  # the logit scale t starts here (learned as log t, as SigLIP does)
-    init_bias: float | None = None  # None: log(p / (1 - p)) with p = 1 / global batch (open_clip issue 650)
+    # None: log(p / (1 - p)) with p = 1 / global batch (open_clip issue 650), the global batch being
+    # micro_batch_size x ranks: the rows scored together (gradient accumulation adds no negatives)
+    init_bias: float | None = None
     exchange: Literal["bidir", "gather"] = "bidir"  # how the second side's features reach other ranks
     chunk_size: int = 0  # > 0: score that many local rows at a time, recomputed in backward (less memory)
 

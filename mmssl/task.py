@@ -35,10 +35,10 @@ from mmssl.config import RunConfig
 from mmssl.model import MultimodalModel
 from mmssl.objectives import (
     ContrastiveObjective,
+    MaskedAudioObjective,
+    MaskedImageObjective,
     MaskedTextObjective,
     ViewObjective,
-    masked_audio_objective,
-    masked_image_objective,
 )
 
 
@@ -63,9 +63,9 @@ class Task(nn.Module):
         )
         on = {name: m_cfg is not None and o.masked(name).enabled for name, m_cfg in
               (("image", m.image), ("text", m.text), ("audio", m.audio))}  # fmt: skip
-        self.masked_image = masked_image_objective(o.masked_image, m.image) if on["image"] else None
+        self.masked_image = MaskedImageObjective(o.masked_image, m.image) if on["image"] else None
         self.masked_text = MaskedTextObjective(o.masked_text, m.text) if on["text"] else None
-        self.masked_audio = masked_audio_objective(o.masked_audio, m.audio) if on["audio"] else None
+        self.masked_audio = MaskedAudioObjective(o.masked_audio, m.audio) if on["audio"] else None
         # built last: the other modules' initial weights do not depend on whether views are on
         self.views = nn.ModuleDict(
             {

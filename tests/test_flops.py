@@ -32,6 +32,7 @@ def batch_for(cfg, b: int) -> dict:
     [
         ("tiny", []),
         ("tiny_masked", []),
+        ("tiny_siglip", ["objectives.contrastive.kinds.image_audio=infonce"]),
         ("tiny_masked", ["objectives.unmasked_contrastive_pass=true"]),
         ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
         ("tiny", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),

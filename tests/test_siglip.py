@@ -114,6 +114,12 @@ def test_initial_bias_and_per_pair_kinds():
         RunConfig(), ["objectives.contrastive.kinds.image_audio=siglip", "data.train_shards=x"]
     )
     assert run.validate().objectives.contrastive.kind_of("image_audio") == "siglip"
+    apply_overrides(run, ["objectives.contrastive.kinds.text_audio=siglip"])  # one key at a time adds
+    assert run.objectives.contrastive.kinds == {"image_audio": "siglip", "text_audio": "siglip"}
+    apply_overrides(run, ['objectives.contrastive.kinds={"image_text": "siglip"}'])  # a mapping replaces
+    assert run.objectives.contrastive.kinds == {"image_text": "siglip"}
+    with pytest.raises(ValueError, match=r"objectives.contrastive.kinds.text_audio must be one of"):
+        apply_overrides(run, ["objectives.contrastive.kinds.text_audio=sigmoid"])
     with pytest.raises(ValueError, match="objectives.contrastive.kinds: 'image_image'"):
         apply_overrides(run, ["objectives.contrastive.kinds.image_image=siglip"]).validate()
 
@@ -200,4 +206,38 @@ def test_export_carries_the_biases_to_mmssl_and_open_clip(tmp_path):
     assert float(saved["logit_bias.image_text"]) == -4.25
     assert checkpoint.load(tmp_path / "out").logit_biases == {"image_text": -4.25}
     oc = open_clip.create_model(summary["open_clip"]["model_name"], pretrained=None)
-    assert float(oc.logit_bias) == -4.25 and float(oc.logit_scale) == 2.5
+    assert oc.logit_bias.item() == -4.25 and oc.logit_scale.item() == 2.5
+
+
+def test_mixed_pairs_train_together():
+    """InfoNCE for two pairs, SigLIP for text-audio, in the training task: a fixed batch is fitted by
+    every pair, each pair's own scale (and the SigLIP pair's bias) is learned and logged."""
+    from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
+    from mmssl.presets import tiny
+    from mmssl.task import Task
+
+    torch.manual_seed(0)
+    cfg = apply_overrides(tiny(), ["objectives.contrastive.kinds.text_audio=siglip"])
+    m = cfg.model
+    task = Task(cfg)
+    text = torch.randint(1, 40000, (8, m.text.context_length))
+    text[:, 0], text[:, 9], text[:, 10:] = SOT_TOKEN_ID, EOT_TOKEN_ID, 0
+    batch = {
+        "image": torch.randn(8, 3, m.image.image_size, m.image.image_size),
+        "text": text,
+        "audio": torch.randn(8, m.audio.n_mels, m.audio.n_frames),
+    }
+    batch["present"] = {k: torch.ones(8, dtype=torch.bool) for k in ("image", "text", "audio")}
+    optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
+    pairs = ("image_text", "image_audio", "text_audio")
+    first = last = None
+    for _ in range(25):
+        out = task(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        last = {p: out[f"contrastive_{p}_loss"].item() for p in pairs}
+        first = first or last
+    assert all(last[p] < first[p] / 2 for p in pairs), (first, last)
+    assert out["logit_scale_text_audio"] != 10.0 and out["logit_bias_text_audio"] != bias_for_batch(32)
+    assert "logit_bias_image_text" not in out

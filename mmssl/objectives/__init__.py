@@ -6,11 +6,8 @@ from mmssl.objectives.masked_audio import MaskedAudioObjective
 from mmssl.objectives.masked_image import MaskedImageObjective
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 from mmssl.objectives.masked_text import MaskedTextObjective
+from mmssl.objectives.siglip import SigLipLoss
 from mmssl.objectives.views import NTXentLoss, ViewObjective
-
-# The names mmssl.task still imports; the classes above replace them (drop with task.py's next edit)
-masked_audio_objective = MaskedAudioObjective
-masked_image_objective = MaskedImageObjective
 
 __all__ = [
     "ContrastiveObjective",
@@ -20,7 +17,6 @@ __all__ = [
     "MaskedPatchObjective",
     "MaskedTextObjective",
     "NTXentLoss",
+    "SigLipLoss",
     "ViewObjective",
-    "masked_audio_objective",
-    "masked_image_objective",
 ]

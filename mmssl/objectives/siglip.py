@@ -12,7 +12,9 @@ rows in the global batch. Absent rows take no part, neither as positives nor as 
 No softmax couples a row's columns, so the double sum splits into blocks: each rank scores its own a
 rows against one block of b rows at a time, its own block first (it holds the diagonal, the
 positives), then every other rank's block (negatives only). The b blocks travel between neighbouring
-ranks (open_clip's ``NeighbourExchange`` idea), so a rank never holds more than O(B x B) logits:
+ranks (open_clip's ``NeighbourExchange`` idea), so logits are formed O(B x B) at a time, never as one
+B x N matrix (N = W x B). For backward the plain form keeps each block's logits (B x N in all, as
+open_clip does); the chunked form below keeps none.
 
 - ``bidir`` (default): each round sends to both neighbours at once, so after round k a rank holds
   the blocks of ranks r-k and r+k; floor((W-1)/2) such rounds, plus one one-way hop when W-1 is odd.
@@ -29,7 +31,7 @@ divides by the local batch size instead, which is the same thing when every row 
 
 Chunked form (``chunk_size`` > 0) for large local batches: rows of a are scored ``chunk_size`` at a
 time, each chunk recomputed in backward (activation checkpointing), so the logits held at once are
-O(chunk_size x B). It uses log sigmoid(-x) = -softplus(x) and softplus(-x) = softplus(x) - x:
+O(chunk_size x B) and only features are kept for backward (one more logit matmul per block). It uses log sigmoid(-x) = -softplus(x) and softplus(-x) = softplus(x) - x:
 loss_sum = sum softplus(logits) over valid pairs - sum of the valid diagonal logits.
 
 Axis legend: B rows per rank, C rows of one b block (= B), K rows per chunk, E embedding (+1 with the
