@@ -16,3 +16,21 @@ def demo_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     build_spoken_digits(out, limit=60, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def gloo():
+    """``gloo(world)``: a pool of that many gloo ranks, started once per session (see gloo_pool.py)."""
+    from gloo_pool import GlooPool
+
+    pools: dict[int, GlooPool] = {}
+
+    def get(world: int) -> GlooPool:
+        if world not in pools or not pools[world].alive:
+            pools[world] = GlooPool(world)
+        return pools[world]
+
+    yield get
+    for pool in pools.values():
+        if pool.alive:
+            pool.close()

@@ -2,15 +2,12 @@
 single-process full batch (real gloo collectives, 2 processes)."""
 
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmssl.config import ContrastiveConfig
-from mmssl.engine import free_port
 from mmssl.objectives import ContrastiveObjective
 
 MODALITIES = ("image", "text", "audio")
@@ -118,11 +115,10 @@ PRESENT = {"image": [True] * 16, "text": [True, False, True, True, False, True, 
            "audio": [True] * 16}  # fmt: skip
 
 
-def _rank_worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_worker(rank: int, world: int) -> dict:
     feats = features()
     n = feats["image"].shape[0] // world
+    out = {}
     for local_loss in (False, True):
         local = {m: f[rank * n : (rank + 1) * n].clone().requires_grad_(True) for m, f in feats.items()}
         present = {m: torch.tensor(PRESENT[m][rank * n : (rank + 1) * n]) for m in MODALITIES}
@@ -130,23 +126,21 @@ def _rank_worker(rank: int, world: int, port: int, out: dict) -> None:
         objective = ContrastiveObjective(cfg, MODALITIES, rank=rank, world_size=world)
         terms = objective(local, present)
         sum(terms.values()).backward()
-        out[(rank, local_loss)] = (
+        out[local_loss] = (
             {k: v.detach() for k, v in terms.items()},
             {m: t.grad for m, t in local.items()},
         )
-    torch.distributed.destroy_process_group()
+    return out
 
 
 @pytest.mark.distributed
-def test_two_rank_gathered_loss_equals_full_batch():
+def test_two_rank_gathered_loss_equals_full_batch(gloo):
     """2 gloo ranks, uneven presence (one rank with no valid text rows), full gather and local loss:
     the mean over ranks of each rank's loss, and the rank-averaged gradients, equal one process
     holding the whole batch."""
     world = 2
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+    per_rank = gloo(world).run(_rank_worker)
+    results = {(r, local_loss): value for r, out in enumerate(per_rank) for local_loss, value in out.items()}
     feats = {m: f.clone().requires_grad_(True) for m, f in features().items()}
     present = {m: torch.tensor(v) for m, v in PRESENT.items()}
     objective = ContrastiveObjective(ContrastiveConfig(), MODALITIES)

@@ -3,11 +3,9 @@ one, absent rows, and the exchanged 2-rank loss against one process holding the 
 point-to-point and all-gather, 2 processes)."""
 
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from mmssl.config import ContrastiveConfig, RunConfig, SigLipConfig, apply_overrides
@@ -130,37 +128,32 @@ PRESENT = {"image": [True] * 5 + [False] + [True] * 10, "audio": [True] * 16,
 EXCHANGES = ("bidir", "gather")
 
 
-def _rank_worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_worker(rank: int, world: int) -> dict:
     feats = features()
     n = feats["image"].shape[0] // world
+    out = {}
     for exchange in EXCHANGES:
         local = leaf({m: f[rank * n : (rank + 1) * n] for m, f in feats.items()})
         present = {m: torch.tensor(PRESENT[m][rank * n : (rank + 1) * n]) for m in MODALITIES}
         objective = siglip_objective(world, rank, exchange=exchange, chunk_size=3)
         terms = objective(local, present)
         sum(terms.values()).backward()
-        out[(world, rank, exchange)] = (
+        out[exchange] = (
             {k: v.detach() for k, v in terms.items()},
             {m: t.grad for m, t in local.items()},
             {k: p.grad for k, p in objective.named_parameters()},
         )
-    torch.distributed.destroy_process_group()
+    return out
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 4])
-def test_exchanged_loss_equals_full_batch(world: int):
+def test_exchanged_loss_equals_full_batch(gloo, world: int):
     """2 ranks (one one-way hop) and 4 (a two-way round and a one-way hop), uneven presence (one rank
     with no valid text rows), both exchanges, chunked: the mean over ranks of each rank's loss, the
     rank-averaged feature and parameter gradients equal one process holding the whole batch."""
-    from mmssl.engine import free_port  # here, not at the top: the spawned ranks need no DeepSpeed
-
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+    per_rank_out = gloo(world).run(_rank_worker)
+    results = {(world, r, ex): value for r, out in enumerate(per_rank_out) for ex, value in out.items()}
     feats = leaf(features())
     objective = siglip_objective()
     full = objective(feats, {m: torch.tensor(v) for m, v in PRESENT.items()})

@@ -3,11 +3,9 @@ one process, the loader's second views, text dropout, and the task wiring."""
 
 import itertools
 import math
-import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 
@@ -81,31 +79,26 @@ PRESENT = {
 }  # fmt: skip
 
 
-def _rank_worker(rank: int, world: int, port: int, out: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+def _rank_worker(rank: int, world: int) -> dict:
     a, b = views()
     n = a.shape[0] // world
+    out = {}
     for name, present in PRESENT.items():
         mine = slice(rank * n, (rank + 1) * n)
         la, lb = a[mine].clone().requires_grad_(True), b[mine].clone().requires_grad_(True)
         loss = NTXentLoss(TEMPERATURE, rank=rank, world_size=world)(la, lb, torch.tensor(present[mine]))
         loss.backward()
-        out[(rank, name)] = (loss.detach(), la.grad, lb.grad)
-    torch.distributed.destroy_process_group()
+        out[name] = (loss.detach(), la.grad, lb.grad)
+    return out
 
 
 @pytest.mark.distributed
-def test_two_rank_gathered_loss_and_gradients_equal_one_process():
+def test_two_rank_gathered_loss_and_gradients_equal_one_process(gloo):
     """2 gloo ranks: the mean over ranks of each rank's value and the rank-averaged gradients equal
     one process holding the whole batch (the engine averages gradients over ranks)."""
-    from mmssl.engine import free_port  # here, not at the top: the spawned ranks need no deepspeed
-
     world = 2
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank_worker, args=(world, free_port(), out), nprocs=world, join=True)
-        results = dict(out)
+    per_rank = gloo(world).run(_rank_worker)
+    results = {(r, name): value for r, out in enumerate(per_rank) for name, value in out.items()}
     a0, b0 = views()
     n = a0.shape[0] // world
     for name, present in PRESENT.items():

@@ -1,0 +1,98 @@
+"""Gloo ranks shared by the tests that check a collective against one process.
+
+Spawning ranks costs each of them the torch/open_clip import (~7 s of CPU on this machine) and the
+process-group rendezvous; the distributed loss tests need only a few milliseconds of work each. So a
+session keeps one pool per world size: its ranks join one gloo group once and then run whatever
+module-level function a test hands them, ``fn(rank, world, *args)``, returning each rank's result.
+
+A rank whose function raises reports its traceback; the test fails with it, and since the other ranks
+may then wait in a collective that never completes, that pool is torn down and rebuilt for the next
+test.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+TIMEOUT_S = 600  # one test's work on a loaded 2-core machine, with margin
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(rank: int, world: int, port: int, tasks: Any, results: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    while (task := tasks.get()) is not None:
+        fn, args = task
+        try:
+            results.put((rank, None, fn(rank, world, *args)))
+        except BaseException:  # report it to the test, keep serving
+            results.put((rank, traceback.format_exc(), None))
+    # no destroy_process_group: it synchronises the ranks, and the process ends here anyway
+
+
+class GlooPool:
+    def __init__(self, world: int):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        port = _free_port()
+        self.procs = [
+            ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True)
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """``fn(rank, world, *args)`` on every rank; the results in rank order. ``fn`` must be importable
+        (a module-level function) and its results picklable."""
+        for tasks in self.tasks:
+            tasks.put((fn, args))
+        out: dict[int, Any] = {}
+        errors = []
+        try:
+            for _ in range(self.world):
+                rank, error, value = self.results.get(timeout=TIMEOUT_S)
+                if error:
+                    errors.append(f"rank {rank}:\n{error}")
+                    break  # the others may be stuck in a collective
+                out[rank] = value
+        except queue.Empty:
+            errors.append(
+                f"no answer from ranks {sorted(set(range(self.world)) - set(out))} in {TIMEOUT_S} s"
+            )
+        if errors:
+            self.close(force=True)
+            raise AssertionError("\n".join(errors))
+        return [out[r] for r in range(self.world)]
+
+    @property
+    def alive(self) -> bool:
+        return all(p.is_alive() for p in self.procs)
+
+    def close(self, *, force: bool = False) -> None:
+        if force:
+            for p in self.procs:
+                p.kill()
+        else:
+            for tasks in self.tasks:
+                tasks.put(None)
+        for p in self.procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
