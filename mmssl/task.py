@@ -5,6 +5,11 @@ when its masked objective is on, and that same pass gives the pooled embedding f
 loss (FLIP, CAV-MAE), so the masked objectives make a step cheaper, not dearer. With
 ``objectives.unmasked_contrastive_pass`` a second, clean pass feeds the contrastive loss instead.
 
+In the last ``objectives.unmasked_tuning_steps`` steps (FLIP's unmasked tuning) the masked objectives
+are off: each tower sees its whole input once, only the contrastive loss trains, the masked losses are
+absent from the output (nothing was reconstructed: a 0 would read as a perfect reconstruction) and the
+mask ratios are 0, so the logs show the switch.
+
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
 so a weight never hides a term from the logs.
 
@@ -49,12 +54,17 @@ class Task(nn.Module):
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
 
+    def unmasked_tuning(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is one of the last ``unmasked_tuning_steps``."""
+        return step >= self.cfg.train.steps - self.cfg.objectives.unmasked_tuning_steps
+
     def forward(self, batch: dict[str, Tensor], step: int = 0, micro: int = 0) -> dict[str, Tensor]:
         """``step`` (optimizer steps so far) sets the scheduled loss weights; with ``micro`` (the micro-batch
         within a gradient-accumulation window) it seeds the masks."""
         o = self.cfg.objectives
         present = batch["present"]
         generator = None
+        tuning = self.unmasked_tuning(step)
         embeddings: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}
         for modality in self.model.modalities:
@@ -62,6 +72,9 @@ class Task(nn.Module):
                 continue
             x = batch[modality]
             objective = self.masked_objective(modality)
+            if objective is not None and tuning:
+                terms[f"masked_{modality}_ratio"] = torch.zeros((), device=x.device)
+                objective = None
             if objective is None:
                 embeddings[modality] = self.model.embed(modality, x)  # [B, E]
                 continue
