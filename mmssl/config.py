@@ -335,10 +335,15 @@ class ObjectivesConfig:
     unmasked_contrastive_pass: bool = False
     # intra-modal terms between two views of each sample; see ViewConfig
     views: ViewsConfig = field(default_factory=ViewsConfig)
+    # FLIP's unmasked tuning: the last N steps of training switch every masked objective off, so the
+    # towers see whole inputs (and only the contrastive loss trains them) before they are evaluated
+    unmasked_tuning_steps: int = 0
 
     def validate(self, path: str = "objectives") -> None:
         for name in ("contrastive", "masked_image", "masked_text", "masked_audio", "views"):
             getattr(self, name).validate(f"{path}.{name}")
+        if self.unmasked_tuning_steps < 0:
+            raise ValueError(f"{path}.unmasked_tuning_steps must be >= 0, got {self.unmasked_tuning_steps}")
 
     def masked(self, modality: str) -> MaskedPatchConfig | MaskedTextConfig:
         return getattr(self, f"masked_{modality}")
@@ -527,6 +532,15 @@ class RunConfig:
         if self.engine.offload_params and self.engine.zero_stage not in (None, 3):
             raise ValueError(
                 f"engine.offload_params needs ZeRO stage 3, got engine.zero_stage={self.engine.zero_stage}"
+            )
+        tuning = self.objectives.unmasked_tuning_steps
+        if tuning and not any(self.objectives.masked(m).enabled for m in self.model.modalities):
+            raise ValueError(
+                "objectives.unmasked_tuning_steps tunes masked towers: no masked objective is on"
+            )
+        if tuning > self.train.steps:
+            raise ValueError(
+                f"objectives.unmasked_tuning_steps={tuning} is more than train.steps={self.train.steps}"
             )
         if self.objectives.masked_image.mode != "unstructured":
             raise ValueError("objectives.masked_image.mode: images take 'unstructured' masking only")

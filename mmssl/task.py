@@ -13,6 +13,11 @@ when the contrastive pass is masked, whole otherwise; its masks are drawn after 
 mask, so turning views on leaves the first passes as they were. Dropout draws are seeded per (run
 seed, rank, step, micro-batch), like the masks, so a resumed run repeats them.
 
+In the last ``objectives.unmasked_tuning_steps`` steps (FLIP's unmasked tuning) the masked objectives
+are off: each tower sees its whole input once, only the contrastive loss (and any view objective)
+trains, the masked losses are absent from the output (nothing was reconstructed: a 0 would read as a
+perfect reconstruction) and the mask ratios are 0, so the logs show the switch.
+
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
 so a weight never hides a term from the logs. Cached accumulation (mmssl/accumulate.py) uses the
 pieces separately: the towers' pass (:meth:`Task.encode`), the contrastive loss over a whole window,
@@ -81,6 +86,10 @@ class Task(nn.Module):
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
 
+    def unmasked_tuning(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is one of the last ``unmasked_tuning_steps``."""
+        return step >= self.cfg.train.steps - self.cfg.objectives.unmasked_tuning_steps
+
     def encode(
         self, batch: dict[str, Tensor], step: int, micro: int
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -90,6 +99,7 @@ class Task(nn.Module):
         device = next(iter(present.values())).device
         seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
         generator = torch.Generator(device=device).manual_seed(seed)
+        tuning = self.unmasked_tuning(step)
         embeddings: dict[str, Tensor] = {}
         first_views: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}
@@ -97,10 +107,14 @@ class Task(nn.Module):
             for modality in self.model.modalities:
                 if modality not in batch:
                     continue
-                if self.masked_objective(modality) is None and modality not in self.views:
+                masked = self.masked_objective(modality) is not None
+                if masked and tuning:
+                    terms[f"masked_{modality}_ratio"] = torch.zeros((), device=device)
+                    masked = False
+                if not masked and modality not in self.views:
                     embeddings[modality] = self.model.embed(modality, batch[modality])  # [B, E]
                     continue
-                features, seen, masked_terms = self.contrastive_pass(modality, batch, generator)
+                features, seen, masked_terms = self.contrastive_pass(modality, batch, generator, masked)
                 terms.update(masked_terms)
                 tower = getattr(self.model, modality)
                 args = (features, seen) if modality == "text" else (features,)  # text pools at its end token
@@ -108,7 +122,8 @@ class Task(nn.Module):
                 if modality in self.views:
                     first_views[modality] = tower.pool(*args)  # [B, D]
             for modality, first in first_views.items():
-                second = self.second_view(modality, batch, generator)  # [B, D]
+                masked = self.masked_objective(modality) is not None and not tuning
+                second = self.second_view(modality, batch, generator, masked)  # [B, D]
                 terms.update(self.views[modality](first, second, present[modality]))
         return embeddings, terms
 
@@ -172,12 +187,13 @@ class Task(nn.Module):
         return out
 
     def contrastive_pass(
-        self, modality: str, batch: dict[str, Tensor], generator: torch.Generator
+        self, modality: str, batch: dict[str, Tensor], generator: torch.Generator, masked: bool
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """The pass whose pooled embedding the contrastive loss takes: its token features, the input they
-        came from (text: the ids the tower saw, which pooling needs) and the masked objective's terms."""
+        came from (text: the ids the tower saw, which pooling needs) and the masked objective's terms
+        (none unless ``masked``)."""
         x, tower = batch[modality], getattr(self.model, modality)
-        objective = self.masked_objective(modality)
+        objective = self.masked_objective(modality) if masked else None
         if objective is None:
             return tower.forward_features(x), x, {}
         if modality == "text":
@@ -189,10 +205,13 @@ class Task(nn.Module):
             features, seen = tower.forward_features(x), x
         return features, seen, masked_terms
 
-    def second_view(self, modality: str, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
-        """Pooled features ``[B, D]`` of a sample's second view, passed as the contrastive pass was."""
+    def second_view(
+        self, modality: str, batch: dict[str, Tensor], generator: torch.Generator, masked: bool
+    ) -> Tensor:
+        """Pooled features ``[B, D]`` of a sample's second view, passed as the contrastive pass was (masked
+        when ``masked`` and the contrastive pass takes the masked pass)."""
         tower, objective = getattr(self.model, modality), self.masked_objective(modality)
-        masked = objective is not None and not self.cfg.objectives.unmasked_contrastive_pass
+        masked = masked and not self.cfg.objectives.unmasked_contrastive_pass
         if modality == "text":
             text = batch["text"]  # the same caption: dropout makes the view
             tokens = objective.corrupt(text, generator)[0] if masked else text

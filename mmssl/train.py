@@ -123,6 +123,11 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
         f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
     )
+    if cfg.objectives.unmasked_tuning_steps:
+        log.write(
+            f"unmasked tuning (FLIP): masked objectives off, whole inputs, from step "
+            f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps}"
+        )
     # a resumed loader continues at the next sample this run had not consumed
     loader = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state)
     stream = iter(loader)

@@ -210,3 +210,45 @@ def _counting(fn, calls, m):
         return fn(*args, **kwargs)
 
     return wrapped
+
+
+def test_unmasked_tuning_switches_masking_off_for_the_last_steps():
+    """FLIP's unmasked tuning: with train.steps=10 and unmasked_tuning_steps=3, step 6 (0-based) is
+    masked; from step 7 every tower sees its whole input once, the masked losses are gone, the ratios
+    read 0 and the contrastive embeddings are the towers' plain (unmasked) ones."""
+    cfg = get_preset("tiny_masked")
+    cfg.train.steps, cfg.objectives.unmasked_tuning_steps = 10, 3
+    cfg.validate()
+    torch.manual_seed(0)
+    task = Task(cfg)
+    batch = {"image": images(4), "text": texts(4), "audio": spectrograms(4)}
+    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "audio")}
+    calls = {m: 0 for m in ("image", "text", "audio")}
+    for m in calls:
+        getattr(task.model, m).forward_features = _counting(getattr(task.model, m).forward_features, calls, m)
+    before = task(batch, step=6)
+    assert before["masked_image_ratio"] == 0.75 and float(before["masked_audio_ratio"]) > 0.5
+    assert float(before["masked_text_ratio"]) > 0 and "masked_image_loss" in before
+    calls.update(image=0, text=0, audio=0)
+    after = task(batch, step=7)
+    assert calls == {"image": 1, "text": 1, "audio": 1}  # one pass per tower, on the whole input
+    for m in ("image", "text", "audio"):
+        assert after[f"masked_{m}_ratio"] == 0 and f"masked_{m}_loss" not in after
+    plain = {m: task.model.embed(m, batch[m]) for m in ("image", "text", "audio")}
+    assert torch.allclose(
+        after["contrastive_loss"], task.contrastive(plain, batch["present"])["contrastive_loss"]
+    )
+    assert torch.allclose(after["loss"], after["contrastive_loss"])  # only the contrastive loss trains
+    after["loss"].backward()
+    assert all(p.grad is None for p in task.masked_image.parameters())  # the decoder rests
+
+
+def test_unmasked_tuning_is_checked():
+    cfg = get_preset("tiny")
+    cfg.objectives.unmasked_tuning_steps = 5
+    with pytest.raises(ValueError, match="no masked objective is on"):
+        cfg.validate()
+    cfg = get_preset("tiny_masked")
+    cfg.objectives.unmasked_tuning_steps = cfg.train.steps + 1
+    with pytest.raises(ValueError, match="more than train.steps"):
+        cfg.validate()
