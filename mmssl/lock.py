@@ -47,8 +47,9 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
 
 def describe(module: nn.Module) -> str:
     """ "1.23M parameters" or, with locked ones, "1.23M parameters (0.45M train)" for the start-up line."""
-    params = list(module.parameters())
-    total, trainable = sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+    # ZeRO-3 leaves each parameter an empty placeholder: its size is ds_numel
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in module.parameters()]
+    total, trainable = sum(n for n, _ in sizes), sum(n for n, grad in sizes if grad)
     return f"{total / 1e6:.2f}M parameters" + (
         f" ({trainable / 1e6:.2f}M train)" if trainable < total else ""
     )

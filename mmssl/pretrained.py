@@ -20,6 +20,8 @@ random or drop weights silently: such a source is refused in one line unless ``m
 when whatever matches loads and the report lists the rest. Position embeddings of another length are
 resized first, as open_clip resizes them: the image tower's patch grid bicubic (antialiased, the class
 token kept; ``resize_pos_embed``), the text tower's positions linearly (``resize_text_pos_embed``).
+A token embedding with more ids than the source's (our default vocabulary has a [MASK] id above
+open_clip's 49408) takes the source's rows and keeps the rest as initialised.
 
 Axis legend: L positions, D width, h/w patch grid.
 """
@@ -42,6 +44,7 @@ from mmssl.export import OPEN_CLIP_SCALARS, mmssl_key
 from mmssl.model import MultimodalModel
 
 OURS = ("image.", "text.", "audio.")
+TOKENS = "text.token_embedding.weight"
 SHOWN = 3  # key names shown per kind in an error line
 
 
@@ -151,6 +154,13 @@ def resize_positions(key: str, value: Tensor, shape: torch.Size) -> Tensor | Non
     return None
 
 
+def extra_token_rows(theirs: torch.Size, ours: torch.Size) -> bool:
+    """Whether our token embedding has the source's rows and more: open_clip's 49408 ids against ours
+    with the [MASK] id of masked language modelling. The source's rows load; ours beyond them keep
+    their initialisation (the report says so)."""
+    return len(theirs) == 2 and theirs[1] == ours[1] and theirs[0] < ours[0]
+
+
 def match(tower: str, setting: str, source: Source, ours: dict[str, torch.Size]) -> TowerMatch:
     """Our tower's keys and shapes (``ours``, ``tower.*`` only) against the source's."""
     prefix = f"{tower}."
@@ -160,7 +170,9 @@ def match(tower: str, setting: str, source: Source, ours: dict[str, torch.Size])
     result.unexpected = sorted(set(theirs) - set(ours))
     for key in sorted(set(ours) & set(theirs)):
         value = theirs[key]
-        if value.shape != ours[key]:
+        if key == TOKENS and extra_token_rows(value.shape, ours[key]):
+            result.resized.append(f"{key} {tuple(value.shape)} -> {tuple(ours[key])} (our extra ids kept)")
+        elif value.shape != ours[key]:
             resized = resize_positions(key, value, ours[key])
             if resized is None:
                 result.other_shape.append(f"{key} {tuple(value.shape)} -> {tuple(ours[key])}")
@@ -231,7 +243,7 @@ def initialize(task: nn.Module, cfg: RunConfig, *, show: bool = True) -> list[To
     matches, read_once = plan(cfg.model, shapes, strict=cfg.model.init_strict)
     for m in matches:
         for key, value in m.load.items():
-            model_state[key].copy_(value)
+            model_state[key][: len(value)].copy_(value)  # all of it but for extra token rows
     scalars = whole_model_scalars(task, cfg, matches, read_once)
     if show and matches:
         print(report(matches, scalars), flush=True)
@@ -258,19 +270,24 @@ def whole_model_scalars(
 
 def report(matches: list[TowerMatch], scalars: list[str]) -> str:
     """One table: per tower, its source and how many tensors loaded, were missing, unexpected, resized or
-    of another shape; then the names of those that did not load."""
+    of another shape; then the names of those that did not load as they were."""
     header = ("tower", "loaded", "missing", "unexpected", "resized", "other shape", "source")
     rows = [
         (m.tower, f"{len(m.load)}/{m.expected}", len(m.missing), len(m.unexpected), len(m.resized),
-         len(m.other_shape), f"{m.setting}={m.source}" if m.held else f"{m.setting}={m.source} (not in it: random)")
+         len(m.other_shape), f"{m.setting}={m.source}")
+        if m.held else
+        (m.tower, f"0/{m.expected}", "-", "-", "-", "-", f"{m.setting}={m.source} (holds no {m.tower} tower: stays as initialised)")
         for m in matches
     ]  # fmt: skip
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["init_from: " + "  ".join(str(h).ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += [
-        "           " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows
-    ]
+
+    def line(cells: tuple) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    lines = ["init_from: " + line(header)] + ["           " + line(r) for r in rows]
     for m in matches:
+        if not m.held:
+            continue
         for kind, keys in (("missing", m.missing), ("unexpected", m.unexpected),
                            ("resized", m.resized), ("other shape", m.other_shape)):  # fmt: skip
             if keys:

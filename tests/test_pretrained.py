@@ -3,6 +3,9 @@ and as safetensors embed as open_clip embeds; an mmssl export round-trips; posit
 as open_clip's ``resize_pos_embed`` / ``resize_text_pos_embed``; a mismatch is refused in one line."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -10,13 +13,16 @@ import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from safetensors.torch import save_file
 
-from mmssl import pretrained
+from mmssl import checkpoint, pretrained
 from mmssl.cli import main
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID, RunConfig, save_json
-from mmssl.export import export, open_clip_config
+from mmssl.export import export, open_clip_config, open_clip_key
+from mmssl.lock import describe
 from mmssl.model import MultimodalModel
 from mmssl.presets import tiny
 from mmssl.task import Task
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def config(**image_text) -> RunConfig:
@@ -74,7 +80,7 @@ def test_open_clip_checkpoint_embeds_as_open_clip(tmp_path, fmt, capsys):
         torch.testing.assert_close(task.model.text(text), oc.encode_text(text), rtol=0, atol=1e-5)
     assert float(task.contrastive.logit_scale["image_text"].detach()) == 2.5
     table = capsys.readouterr().out
-    assert "image" in table and "text" in table and "audio" in table and "(not in it: random)" in table
+    assert "image" in table and "text" in table and "(holds no audio tower: stays as initialised)" in table
 
 
 def test_mmssl_export_round_trips_and_its_open_clip_file_loads_back(tmp_path):
@@ -154,3 +160,31 @@ def test_a_missing_path_is_one_line_before_any_rank_starts(demo_shards, tmp_path
     err = capsys.readouterr().err.strip()
     assert err == "mmssl: error: model.image.init_from: /nowhere/ViT.pt does not exist"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_starts_from_open_clip_with_a_locked_image_tower(demo_shards, tmp_path):
+    """Launched (1 rank, ZeRO-3, 1 step): the table and the trainable count are printed, and the saved
+    checkpoint's locked image tower is open_clip's, bit for bit (loaded before the engine, never stepped)."""
+    oc = open_clip_model(config())  # open_clip's 49408 ids; the run's vocabulary has a [MASK] id more
+    path = tmp_path / "oc.safetensors"
+    save_file(oc.state_dict(), str(path))
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny", "--run-dir", str(run_dir),
+         f"data.train_shards={demo_shards}/train", "data.eval_shards=", "data.num_workers=0",
+         "optim.micro_batch_size=8", "train.steps=1", "engine.zero_stage=3",
+         f"model.init_from={path}", "model.image.lock=true"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "text.token_embedding.weight (49408, 64) -> (49409, 64) (our extra ids kept)" in proc.stdout
+    locked = tiny()
+    locked.model.image.lock = True
+    counts = describe(Task(locked))  # sizes read before the engine (ZeRO-3 empties the parameters)
+    assert "M train)" in counts and f"training tiny: {counts}," in proc.stdout
+    saved = checkpoint.load(run_dir).model.state_dict()
+    reference = oc.state_dict()
+    for key, value in saved.items():
+        if key.startswith("image."):
+            assert torch.equal(value, reference[open_clip_key(key)]), key
+    assert not torch.equal(saved["text.text_projection"], reference["text_projection"])  # it trained
