@@ -57,7 +57,7 @@ def launched_by_launcher() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmssl import data, engine
+    from mmssl import data, engine, pretrained
 
     if launched_by_launcher():  # a worker: the first process has checked everything already
         from mmssl.train import train
@@ -79,6 +79,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             engine.resolve_ds_config(cfg, world_size=world)
         run_dir = Path(cfg.run_dir)
         resume = args.resume and resume_tag(args.resume, run_dir / "checkpoints", world, cfg)
+        if not resume:  # a resumed run's checkpoint holds every weight
+            pretrained.check(cfg)
     if world == 1:
         from mmssl.train import train
 

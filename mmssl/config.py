@@ -43,7 +43,14 @@ class ImageTowerConfig:
         False  # recompute block activations in backward (less memory, ~1/3 more compute)
     )
 
+    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
+    # mmssl/pretrained.py), overriding model.init_from for it
+    init_from: str | None = None
+    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
+    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
+
     def validate(self, path: str) -> None:
+        _check_lock(self, path)
         _positive(self, path, "image_size", "patch_size", "width", "depth", "heads")
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -72,7 +79,14 @@ class TextTowerConfig:
     # SimCSE's text views (objectives.views.text) are two passes that differ only in it
     dropout: float = 0.0
 
+    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
+    # mmssl/pretrained.py), overriding model.init_from for it
+    init_from: str | None = None
+    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
+    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
+
     def validate(self, path: str) -> None:
+        _check_lock(self, path)
         _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
         _heads_divide(self, path)
         if not 0.0 <= self.dropout < 1.0:
@@ -96,7 +110,14 @@ class AudioTowerConfig:
     mlp_ratio: float = 4.0
     grad_checkpointing: bool = False
 
+    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
+    # mmssl/pretrained.py), overriding model.init_from for it
+    init_from: str | None = None
+    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
+    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
+
     def validate(self, path: str) -> None:
+        _check_lock(self, path)
         _positive(self, path, "sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
         _positive(self, path, "patch_freq", "patch_time", "width", "depth", "heads")
         if self.n_mels % self.patch_freq:
@@ -130,6 +151,11 @@ class ModelConfig:
     image: ImageTowerConfig | None = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig | None = field(default_factory=TextTowerConfig)
     audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
+    # start every tower the source holds from existing weights (mmssl/pretrained.py): a run directory,
+    # checkpoint or export of mmssl, or an open_clip checkpoint file (.pt/.bin/.safetensors)
+    init_from: str | None = None
+    # refuse a source whose keys or shapes do not match (weights that would silently stay random)
+    init_strict: bool = True
 
     def validate(self, path: str = "model") -> None:
         _positive(self, path, "embed_dim")
@@ -583,6 +609,18 @@ def _positive(cfg: Any, path: str, *names: str) -> None:
         value = getattr(cfg, name)
         if not value > 0:
             raise ValueError(f"{path}.{name} must be > 0, got {value!r}")
+
+
+def _check_lock(cfg: Any, path: str) -> None:
+    if cfg.unlocked_groups < 0:
+        raise ValueError(f"{path}.unlocked_groups must be >= 0, got {cfg.unlocked_groups}")
+    if cfg.unlocked_groups and not cfg.lock:
+        raise ValueError(f"{path}.unlocked_groups={cfg.unlocked_groups} needs {path}.lock=true")
+    if cfg.unlocked_groups > cfg.depth + 2:
+        raise ValueError(
+            f"{path}.unlocked_groups={cfg.unlocked_groups} exceeds the tower's {cfg.depth + 2} groups "
+            "(embeddings, one per block, projection)"
+        )
 
 
 def _heads_divide(cfg: Any, path: str) -> None:

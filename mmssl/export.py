@@ -88,12 +88,35 @@ def open_clip_config(cfg: RunConfig, logit_bias: float | None = None) -> dict[st
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess_cfg}
 
 
+# The one renaming between our towers and open_clip CLIP's state dict, both ways (export writes with
+# it, mmssl/pretrained.py reads open_clip checkpoints with its inverse)
+OPEN_CLIP_SCALARS = ("logit_scale", "logit_bias")
+
+
+def open_clip_key(key: str) -> str | None:
+    """Our model's key -> open_clip's: ``image.*`` -> ``visual.*``, ``text.*`` -> top level; None for
+    towers open_clip has no place for (audio)."""
+    if key.startswith("image."):
+        return f"visual.{key.removeprefix('image.')}"
+    if key.startswith("text."):
+        return key.removeprefix("text.")
+    return None
+
+
+def mmssl_key(key: str) -> str | None:
+    """The inverse of :func:`open_clip_key`; None for open_clip's scalars (``logit_scale``/``logit_bias``)."""
+    if key in OPEN_CLIP_SCALARS:
+        return None
+    if key.startswith("visual."):
+        return f"image.{key.removeprefix('visual.')}"
+    return f"text.{key}"
+
+
 def open_clip_state(
     model_state: dict[str, Tensor], log_logit_scale: float | None, logit_bias: float | None = None
 ) -> dict[str, Tensor]:
     """Our model's state dict -> open_clip CLIP's (image tower under ``visual.``, text tower at the top)."""
-    out = {f"visual.{k.removeprefix('image.')}": v for k, v in model_state.items() if k.startswith("image.")}
-    out.update({k.removeprefix("text."): v for k, v in model_state.items() if k.startswith("text.")})
+    out = {name: v for k, v in model_state.items() if (name := open_clip_key(k)) is not None}
     # open_clip starts logit_scale at log(1/0.07); an untrained image-text pair keeps that value
     value = math.log(1 / 0.07) if log_logit_scale is None else log_logit_scale
     out["logit_scale"] = torch.tensor(value, dtype=torch.float32)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmssl.config import RunConfig
+from mmssl.lock import lock_towers
 from mmssl.model import MultimodalModel
 from mmssl.objectives import (
     ContrastiveObjective,
@@ -59,6 +60,7 @@ class Task(nn.Module):
         self.rank = rank
         m, o = cfg.model, cfg.objectives
         self.model = MultimodalModel(m)
+        lock_towers(self.model, m)  # LiT: before the engine builds the optimizer from trainable parameters
         self.contrastive = ContrastiveObjective(
             o.contrastive,
             m.modalities,

@@ -18,7 +18,9 @@ from tqdm import tqdm
 from data_pipelines import BAD_KINDS, combine_states
 from mmssl import accumulate, data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
+from mmssl.lock import describe
 from mmssl.model import MultimodalModel
+from mmssl.pretrained import initialize
 from mmssl.runlog import RunLog, Throughput, Work
 from mmssl.task import Task
 
@@ -97,6 +99,8 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     report_data_warnings(info.rank)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     task = Task(cfg, rank=info.rank, world_size=info.world_size)
+    if not resume:  # a resumed run's checkpoint holds every weight
+        initialize(task, cfg, show=info.is_main)
     eng = engine.Engine(task, cfg, info)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -118,7 +122,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
         run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step, throughput=throughput
     )
     log.write(
-        f"training {cfg.preset}: {sum(p.numel() for p in task.parameters()) / 1e6:.2f}M parameters, "
+        f"training {cfg.preset}: {describe(task)}, "
         f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{eng.zero_stage}, "
         f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
         f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
