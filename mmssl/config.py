@@ -233,7 +233,8 @@ class ContrastiveConfig:
     # Under gradient accumulation (optim.grad_accum_steps = K): "local" scores each micro-batch against its
     # own negatives only; "cached" scores the whole window of K micro-batches at once (GradCache: a forward
     # without gradients, then one with), giving the gradient of one batch K times as large at the memory
-    # of one micro-batch, for about one more forward per micro-batch (mmssl/accumulate.py).
+    # of one micro-batch, for about one more forward per micro-batch (mmssl/accumulate.py). With
+    # grad_accum_steps=1 the two give the same gradient, "cached" for that extra forward.
     accumulate: Literal["local", "cached"] = "local"
 
     def validate(self, path: str) -> None:

@@ -143,9 +143,10 @@ def test_cached_window_gradient_equals_one_big_batch(tmp_path):
 
 
 def test_train_runs_cached_windows_and_skips_a_nonfinite_window_whole(demo_shards, tmp_path):
-    """`mmssl train` with accumulate=cached: every step is one window of K micro-batches; attempt 3 (the
-    first micro-batch of the second window) is made non-finite, so that whole window is skipped, and
-    the key log marks both of its micro-batches."""
+    """`mmssl train` with accumulate=cached (and the unmasked contrastive pass, which the test above
+    leaves out): every step is one window of K micro-batches; attempt 3 (the first micro-batch of the
+    second window) is made non-finite, so that whole window is skipped, and the key log marks both of
+    its micro-batches."""
     run_dir = tmp_path / "cached"
     proc = subprocess.run(
         [
@@ -153,6 +154,7 @@ def test_train_runs_cached_windows_and_skips_a_nonfinite_window_whole(demo_shard
             f"data.train_shards={demo_shards}/train", "data.eval_shards=", "data.num_workers=0",
             "optim.micro_batch_size=4", f"optim.grad_accum_steps={K}", "objectives.contrastive.accumulate=cached",
             "train.steps=3", "train.log_every=1", "train.record_keys=true", "train.inject_nonfinite_at=[3]",
+            "objectives.unmasked_contrastive_pass=true",
         ],  # fmt: skip
         cwd=REPO, capture_output=True, text=True, timeout=300,
     )  # fmt: skip

@@ -35,6 +35,7 @@ def test_overrides_parse_against_field_types():
         ("train.steps=1.5", "train.steps"),
         ("optim.lr=fast", "optim.lr"),
         ("eval.match=sometimes", "eval.match"),
+        ("objectives.contrastive.accumulate=global", "objectives.contrastive.accumulate"),
         ("optim.lr", "key=value"),
     ],
 )
