@@ -16,6 +16,7 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines import BAD_KINDS, combine_states
+from data_pipelines.remote import mask
 from mmssl import accumulate, data, engine, evaluate, flops, report
 from mmssl.config import RunConfig, save_json
 from mmssl.lock import describe
@@ -259,7 +260,7 @@ def evaluate_at_end(
 def eval_failure_line(cause: str, cfg: RunConfig) -> str:
     """One line: what failed, on which shards, and the command that retries it from the checkpoint."""
     retry = shlex.join(["mmssl", "eval", str(cfg.run_dir), "--data", cfg.data.eval_shards])
-    return (
+    return mask(  # a URL's user:password part never reaches the terminal
         f"mmssl: error: training finished, but the evaluation after it failed: {cause} "
         f"(data.eval_shards={cfg.data.eval_shards}); every checkpoint is kept in "
         f"{Path(cfg.run_dir) / 'checkpoints'} and summary.json holds the training figures; "

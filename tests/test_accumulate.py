@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
-from mmssl.engine import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 B, K, WORLD = 4, 2, 2
@@ -74,7 +72,7 @@ def reference_gradients(task, batches) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _worker(rank: int, port: int, ds_config: str, out: dict) -> None:
+def _worker(rank: int, world: int, ds_config: str) -> dict:
     import copy
     import dataclasses
 
@@ -85,9 +83,8 @@ def _worker(rank: int, port: int, ds_config: str, out: dict) -> None:
     from mmssl.task import Task
     from mmssl.train import train_step
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    info = engine.init_distributed()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    info = engine.init_distributed()  # joins the pool's process group
     cfg = get_preset("tiny_masked")
     cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps = B, K
     cfg.optim.lr = 0.0  # the weights stay put, so both modes see the same ones
@@ -102,7 +99,7 @@ def _worker(rank: int, port: int, ds_config: str, out: dict) -> None:
     def capture(optimizer, args, kwargs):  # the gradient the optimizer is about to apply
         captured.update({n: p.grad.clone() for n, p in eng.module.named_parameters() if p.grad is not None})
 
-    register_optimizer_step_pre_hook(capture)
+    hook = register_optimizer_step_pre_hook(capture)  # global: removed below, the rank serves other tests
     batches = [micro_batch(cfg, rank, micro) for micro in range(K)]
     for micro, batch in enumerate(batches):
         train_step(eng, batch, step=0, micro=micro)
@@ -114,7 +111,8 @@ def _worker(rank: int, port: int, ds_config: str, out: dict) -> None:
     def max_diff(grads):
         return max((grads[n] - g).abs().max().item() for n, g in expected.items())
 
-    out[rank] = {
+    hook.remove()
+    return {
         "names": (sorted(expected), sorted(cached)),
         "cached": max_diff(cached),
         "local": max_diff(local),
@@ -122,18 +120,14 @@ def _worker(rank: int, port: int, ds_config: str, out: dict) -> None:
         "largest": max(g.abs().max().item() for g in expected.values()),
         "logged_masked_text": out_cached["masked_text_loss"].item(),
     }
-    engine.shutdown()
 
 
 @pytest.mark.distributed
-def test_cached_window_gradient_equals_one_big_batch(tmp_path):
+def test_cached_window_gradient_equals_one_big_batch(gloo, tmp_path):
     ds_config = tmp_path / "ds_config.json"
     ds_config.write_text(json.dumps(DS_CONFIG))
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_worker, args=(free_port(), str(ds_config), out), nprocs=WORLD, join=True)
-        results = dict(out)
-    for rank, r in results.items():
+    results = gloo(WORLD).run(_worker, str(ds_config))
+    for rank, r in enumerate(results):
         expected_names, cached_names = r["names"]
         assert expected_names == cached_names, rank  # every parameter, the logit scales included
         assert r["scale_grad"] > 1e-4  # the scales' gradient is in the comparison, not zero

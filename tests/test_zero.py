@@ -124,34 +124,30 @@ def _bounded_run(model) -> list[list[float]]:
     return seen
 
 
-def _clamp_worker(rank: int, world: int, port: int, out: dict) -> None:
+def _clamp_worker(rank: int, world: int) -> dict:
     import os
 
     from mmssl import engine
     from mmssl.presets import get_preset
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))  # fmt: skip
-    info = engine.init_distributed()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    info = engine.init_distributed()  # joins the pool's process group
+    out = {}
     for stage in (2, 3):
         cfg = get_preset("tiny")
         cfg.engine.ds_config, cfg.engine.zero_stage = str(REPO / "ds_config.json"), stage
         cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.micro_batch_size = 2.0, 0, 2
         torch.manual_seed(0)
         out[(rank, stage)] = _bounded_run(engine.Engine(_Bounded(), cfg, info))
-    engine.shutdown()
+    return out
 
 
-def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included():
+def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included(gloo):
     """The contrastive temperature's clamp (open_clip's, after the optimizer step): a parameter pushed
     past its bounds is clamped before the next forward, and the next step starts from the clamped
     value (the fp32 master weights were clamped too, not only the module's copy), on 2 ranks under
     ZeRO-2 and ZeRO-3, exactly as a plain AdamW step followed by a clamp (without ZeRO the module's
     tensor is the only copy)."""
-    import torch.multiprocessing as mp
-
-    from mmssl.engine import free_port
-
     torch.manual_seed(0)
     toy = _Bounded()
     optimizer = torch.optim.AdamW(toy.parameters(), lr=2.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
@@ -169,10 +165,7 @@ def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included():
     # start from 2, and be clamped to 0.5 again)
     assert expected[1] == [0.5, -0.5, 0.5] and 0 < expected[2][0] < 0.45
     world = 2
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.spawn(_clamp_worker, args=(world, free_port(), results), nprocs=world, join=True)
-        results = dict(results)
+    results = {k: v for out in gloo(world).run(_clamp_worker) for k, v in out.items()}
     assert sorted(results) == [(r, s) for r in range(world) for s in (2, 3)]
     wrong = {
         k: v
