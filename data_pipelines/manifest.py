@@ -1,7 +1,7 @@
 """Write shards from a folder of files described by a JSONL or CSV manifest.
 
 One manifest row is one sample. Its columns (JSONL keys) name, relative to the folder, an image file
-and/or an audio file, and/or give the text; optionally a label (an integer), a key, a group and
+and/or an audio file, and/or give the text; optionally a label (a class id or a class name), a key, a group and
 extra JSON. A row may carry any non-empty subset of image, text and audio. Files are stored as they
 are (png/jpg/webp images; wav/flac/ogg/mp3 audio); other readable formats are converted losslessly
 (images to PNG, audio to float WAV). In JSONL, text may also be a list of captions (stored as the
@@ -13,7 +13,7 @@ A row is skipped, with its line number, key, kind and reason, when:
     path_escapes_folder  a path leads outside the folder (absolute, "..", or through a symlink)
     missing_file         a named file does not exist
     bad_image/bad_audio  a named file cannot be decoded
-    bad_label            the label is not an integer
+    bad_label            the label is neither an integer nor a class name (a list, an object, ...)
     bad_extra            the extra column is not a JSON object
     no_modality          the row names no image, no audio and no (non-empty) text
 With dedup="exact" or "near", rows that repeat an earlier one are dropped first (data_pipelines/dedup.py).
@@ -122,14 +122,18 @@ def _audio(data: bytes, rel: str) -> tuple[str, bytes]:
         raise _Skip("bad_audio", f"{rel}: {type(exn).__name__}: {exn}") from exn
 
 
-def _label(value: Any) -> int:
+def _label(value: Any) -> int | str:
+    """A class id (an integer, or a string or whole float holding one) or a class name (any other
+    non-empty string, stripped), as the stream reads labels; anything else skips the row."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
     if isinstance(value, str) and value.strip().lstrip("-").isdigit():
         return int(value.strip())
-    raise _Skip("bad_label", f"label {value!r} is not an integer")
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise _Skip("bad_label", f"label {value!r} is neither a class id (integer) nor a class name")
 
 
 def _blank(value: Any) -> bool:

@@ -79,7 +79,7 @@ def folder(tmp_path_factory):
         {"image": "images/bad.png", "text": "broken image"},
         {"audio": "audio/bad.wav", "text": "broken audio"},
         {"text": "   ", "label": 1},
-        {"text": "a label that is not a number", "label": "cat"},
+        {"text": "a label that is neither a class id nor a name", "label": [1, 2]},
         {"text": "extra must be an object", "extra": [1, 2]},
     ]
     lines = [json.dumps(r) for r in rows]
@@ -263,3 +263,17 @@ def test_verify_reports_every_bad_sample_and_unreadable_shard(tmp_path):
     assert f"UNREADABLE {tmp_path / 'shard-000001.tar'}" in text and "truncated_tar" in text
     report_ok = verify_shards(str(tmp_path / "shard-000000.tar"))
     assert verify_exit_code(report_ok) == 0 and verify_exit_code(report_ok, strict=True) == 1
+
+
+def test_class_name_labels_are_written_as_names(tmp_path):
+    """A manifest whose labels are class names (as many public sets give them) writes every row, each
+    sample's JSON carrying its name, which the stream reads back as the label name."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [{"text": f"a photo of a {name}", "label": name} for name in ("cat", "dog", " cat ")]
+    (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = write_from_manifest(folder, "m.jsonl", tmp_path / "out", progress=False)
+    assert summary["written"] == 3 and not summary["skipped"]
+    cfg = StreamConfig(shards=str(tmp_path / "out" / "train"), batch_size=3, train=False, num_workers=0)
+    batch = next(iter(build_loader(cfg, tokenizer=SimpleTokenizer(context_length=8))))
+    assert sorted(batch["label_name"]) == ["cat", "cat", "dog"] and batch["label"].tolist() == [-1] * 3
