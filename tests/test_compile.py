@@ -4,8 +4,8 @@ compiled code is what ran (dynamo's counters show graphs compiled and no frame f
 import copy
 
 import torch
-from torch._dynamo.utils import counters
 from test_flops import batch_for
+from torch._dynamo.utils import counters
 
 from mmssl.config import apply_overrides
 from mmssl.engine import compile_trunks
