@@ -1,5 +1,7 @@
 """Where a training step's time goes: torch.profiler over mmssl's own step (one rank, DeepSpeed engine,
-the preset's loader), printing the top operators by self CPU time and the step's phases.
+the preset's loader), printing the top operators by self CPU time, the step's phases and the matmuls'
+share: their part of the CPU time and their FLOP rate against this CPU's matmul peak, probed in the
+same run.
 
     .venv/bin/python benchmarks/profile_step.py --preset small
     .venv/bin/python benchmarks/profile_step.py --preset small_masked --steps 5 engine.zero_stage=0
@@ -16,6 +18,20 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")  # the ops torch.profiler counts FLOPs of
+
+
+def matmul_share(events, peak: float) -> str:
+    """One line on the matmuls among profiled ``events`` (``key_averages()``): share of self CPU time,
+    FLOP rate and that rate over ``peak`` (FLOP/s)."""
+    total = sum(e.self_cpu_time_total for e in events)
+    mm = [e for e in events if e.key in MATMULS]
+    seconds = sum(e.self_cpu_time_total for e in mm) / 1e6
+    rate = sum(e.flops for e in mm) / seconds if seconds else 0.0
+    return (
+        f"matmuls: {1e6 * seconds / total:.0%} of the CPU time, at {rate / 1e9:.1f} GFLOP/s = "
+        f"{rate / peak:.0%} of the matmul peak ({peak / 1e9:.1f} GFLOP/s, probed now)"
+    )
 
 
 def main() -> None:
@@ -35,6 +51,7 @@ def main() -> None:
     from data_pipelines.demo import build_spoken_digits
     from mmssl import data, engine
     from mmssl.config import apply_overrides
+    from mmssl.flops import cpu_peak
     from mmssl.presets import get_preset
     from mmssl.task import Task
     from mmssl.train import to_device
@@ -70,18 +87,21 @@ def main() -> None:
 
     for i in tqdm(range(args.steps), desc="warm-up", unit="step"):
         step(i, timed=False)
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
         for i in tqdm(range(args.steps), desc="profiled", unit="step"):
             step(args.steps + i, timed=True)
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows)
     args.out.mkdir(parents=True, exist_ok=True)
+    # a shared machine's speed drifts: the peak is measured now, not read from the cache
+    peak = cpu_peak(torch.get_num_threads(), cache=args.out / f"peak-{os.getpid()}.json", seconds=2.0)
+    (args.out / f"peak-{os.getpid()}.json").unlink()
     name = f"{args.preset}-{os.getpid()}"
     prof.export_chrome_trace(str(args.out / f"{name}.trace.json"))
     total = sum(phases.values())
     summary = ", ".join(f"{k} {1000 * v / args.steps:.0f} ms ({v / total:.0%})" for k, v in phases.items())
     text = (
         f"{cfg.preset}, batch {cfg.optim.micro_batch_size}, {torch.get_num_threads()} thread(s), "
-        f"ZeRO-{eng.zero_stage}; per step: {summary}\n\n{table}"
+        f"ZeRO-{eng.zero_stage}; per step: {summary}\n{matmul_share(prof.key_averages(), peak)}\n\n{table}"
     )
     (args.out / f"{name}.txt").write_text(text)
     print(text)

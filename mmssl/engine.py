@@ -15,6 +15,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,6 +292,35 @@ class Engine:
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
+    def placement(self) -> dict[str, Any]:
+        """Where this rank's optimizer state and parameter partitions live, read from the live ZeRO
+        optimizer rather than the config (recorded beside each checkpoint; the offload tests read it):
+        whether the optimizer step is offloaded and the devices of its state, and under ZeRO-3 how many
+        parameter partitions sit in DeepSpeed's CPU buffers for offloaded parameters."""
+        zero = self.ds.optimizer if self.zero_stage > 0 else None
+        # the torch optimizer holding Adam's state, inside DeepSpeed's ZeRO or bf16 wrapper if any
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim()]
+        out: dict[str, Any] = {
+            # ZeRO-1/2 call it cpu_offload, ZeRO-3 offload_optimizer
+            "optimizer_offloaded": bool(getattr(zero, "cpu_offload", False))
+            or bool(getattr(zero, "offload_optimizer", False)),
+            "optimizer_state_devices": sorted({t.device.type for t in state}),
+        }
+        if self.zero_stage == 3:
+            cpu_buffers = {
+                b.untyped_storage().data_ptr() for b in getattr(zero, "param_groups_fp16_flat_cpu_memory", [])
+            }
+            parts = [
+                p.ds_tensor for p in self.module.parameters() if getattr(p, "ds_tensor", None) is not None
+            ]
+            out["params_offloaded"] = bool(zero.offload_param)
+            out["param_partitions"] = len(parts)
+            out["param_partitions_in_cpu_buffers"] = sum(
+                t.untyped_storage().data_ptr() in cpu_buffers for t in parts
+            )
+        return out
+
     def gathered_state_dict(self) -> dict[str, Tensor] | None:
         """The whole task's weights on rank 0 (None on the others). Under ZeRO-3, where every rank holds a
         part of each weight, they are gathered one layer at a time: call this on every rank."""
@@ -305,9 +335,11 @@ class Engine:
         tag = f"step_{step:08d}"
         ckpt_dir = Path(ckpt_dir)
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        hold_for_fault_drill(ckpt_dir / tag, step, self.info.rank)
         barrier()
         if self.info.is_main:
             layout = {"step": step, "world_size": self.info.world_size, "zero_stage": self.zero_stage}
+            layout["placement"] = self.placement()
             (ckpt_dir / tag / "mmssl.json").write_text(json.dumps(layout) + "\n")
             tmp = ckpt_dir / "latest.tmp"
             tmp.write_text(tag)
@@ -324,6 +356,21 @@ class Engine:
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir} (tag {tag or 'latest'})")
         return client_state
+
+
+HOLD_SAVE_ENV = "MMSSL_FAULT_HOLD_SAVE_AT"
+
+
+def hold_for_fault_drill(folder: Path, step: int, rank: int) -> None:
+    """A fault drill for the tests: with ``MMSSL_FAULT_HOLD_SAVE_AT=<step>`` in the environment, the save
+    of that step stops after this rank wrote its part, before ``latest`` moves: it marks
+    ``<folder>/held_rank<r>`` and waits (up to ten minutes) to be killed, so a kill is sure to land
+    inside a save."""
+    if os.environ.get(HOLD_SAVE_ENV) != str(step):
+        return
+    (folder / f"held_rank{rank}").touch()
+    time.sleep(600)
+    raise RuntimeError(f"{HOLD_SAVE_ENV}={step}: the fault drill held the save for ten minutes, unkilled")
 
 
 def latest_tag(ckpt_dir: str | Path) -> str:

@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -90,9 +89,12 @@ def test_nonfinite_losses_are_skipped_counted_and_stop_the_run_when_consecutive(
 
 @pytest.mark.distributed
 def test_kill_during_checkpoint_save_resumes_from_a_complete_checkpoint(demo_shards, tmp_path):
-    """2 ranks checkpoint every step; the moment a new checkpoint folder appears (a save under way), the
-    whole job is killed with SIGKILL. `latest` must still name a complete checkpoint, and resuming
-    from it must work."""
+    """2 ranks checkpoint every step. A fault drill (``MMSSL_FAULT_HOLD_SAVE_AT``) holds the save of step
+    3 open after every rank wrote its part of it and before ``latest`` moves; once both ranks say so,
+    the whole job is killed with SIGKILL. `latest` must still name a complete checkpoint (step 2), and
+    resuming from it must work."""
+    from mmssl.engine import HOLD_SAVE_ENV
+
     run_dir = tmp_path / "kill"
     common = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny", "--nproc", "2", "--run-dir", str(run_dir),
@@ -100,37 +102,33 @@ def test_kill_during_checkpoint_save_resumes_from_a_complete_checkpoint(demo_sha
         "optim.micro_batch_size=8", "train.ckpt_every=1", "train.keep_last=2", "train.log_every=1",
     ]  # fmt: skip
     job = subprocess.Popen(
-        [*common, "train.steps=500"], cwd=REPO, start_new_session=True,
+        [*common, "train.steps=500"], cwd=REPO, start_new_session=True, env={**os.environ, HOLD_SAVE_ENV: "3"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     ckpt = run_dir / "checkpoints"
+    held = [ckpt / "step_00000003" / f"held_rank{rank}" for rank in range(2)]
     deadline = time.time() + 300
-    caught_mid_save = False
     try:
-        while time.time() < deadline:
-            latest = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
-            tags = sorted(p.name for p in ckpt.glob("step_*")) if ckpt.is_dir() else []
-            if latest >= "step_00000003" and tags and tags[-1] > latest:
-                caught_mid_save = True  # a newer folder than `latest`: its save is under way
-                break
-            if latest >= "step_00000012":
-                time.sleep(random.random() * 0.2)  # give up aiming: kill at a random moment
-                break
-            time.sleep(0.005)
-        else:
-            pytest.fail("training never wrote its checkpoints")
+        while not all(marker.is_file() for marker in held):
+            if job.poll() is not None or time.time() > deadline:
+                pytest.fail(f"the save of step 3 was never held (job exit code {job.poll()})")
+            time.sleep(0.05)
     finally:
         os.killpg(job.pid, signal.SIGKILL)
         job.wait()
+    # the kill landed inside the save: step 3's parts are written, but `latest` never moved to it
+    assert len(list((ckpt / "step_00000003").glob("*optim_states.pt"))) == 2  # one part per rank
+    assert not (ckpt / "step_00000003" / "mmssl.json").is_file()
     good = (ckpt / "latest").read_text().strip()
-    step = int(good.removeprefix("step_"))
+    assert good == "step_00000002"
     assert (ckpt / good / "mmssl.json").is_file()  # written after every rank finished its part
-    assert len(list(ckpt.glob("step_*"))) <= 3  # keep_last=2, plus at most the one being written
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000003"]
     resumed = subprocess.run(
-        [*common, f"train.steps={step + 2}", "--resume", "latest"], cwd=REPO, capture_output=True, text=True,
-        timeout=300,
+        [*common, "train.steps=4", "--resume", "latest"], cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == step + 2
-    print(f"killed {'during a save' if caught_mid_save else 'at a random moment'}; resumed from {good}")
+    assert rows[-1]["step"] == 4
+    # the resumed run wrote step 3 again, whole, and `latest` names the newest complete checkpoint
+    assert (ckpt / "latest").read_text().strip() == "step_00000004"
+    assert (ckpt / "step_00000003" / "mmssl.json").is_file()

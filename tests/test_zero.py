@@ -1,15 +1,27 @@
-"""ZeRO stages, offload, bf16, gradient accumulation and activation checkpointing, each on 2 CPU ranks.
+"""ZeRO stages, offload, bf16, gradient accumulation and activation checkpointing.
 
-Every fp32 variant must follow the same loss trajectory as plain ZeRO-2 from the same seed and data:
-partitioning changes where state lives, not what is computed."""
+Every fp32 variant, trained on 2 CPU ranks, must follow the same loss trajectory as plain ZeRO-2 from
+the same seed and data: partitioning changes where state lives, not what is computed. Each also shows
+where its state went (the placement its engine records beside the checkpoint): offload is checked
+active, not only configured. Accumulation and activation checkpointing are checked in one process for
+what they compute: the gradient of the whole batch, and a second forward of each block in backward."""
 
+import copy
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
+from test_flops import batch_for
+
+from mmssl.config import apply_overrides
+from mmssl.objectives.masking import keep_count
+from mmssl.presets import get_preset
+from mmssl.task import Task
 
 pytestmark = pytest.mark.distributed
 REPO = Path(__file__).resolve().parents[1]
@@ -69,7 +81,18 @@ def test_zero_variants_follow_the_same_trajectory(reference, demo_shards, tmp_pa
     for ours, ref in zip(rows, reference, strict=True):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=2e-4, abs=2e-4), (ours["step"], overrides)
     ds = json.loads((tmp_path / "run" / "ds_config.json").read_text())
-    assert ds["zero_optimization"]["stage"] == int(overrides[0].split("=")[1])
+    stage = int(overrides[0].split("=")[1])
+    assert ds["zero_optimization"]["stage"] == stage
+    # where the live engine kept its state (rank 0's, recorded with the checkpoint)
+    layout = json.loads((tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}" / "mmssl.json").read_text())
+    placement = layout["placement"]
+    assert placement["optimizer_offloaded"] == ("engine.offload_optimizer=true" in overrides), placement
+    assert placement["optimizer_state_devices"] == ["cpu"]
+    if stage == 3:  # every parameter partition in DeepSpeed's CPU buffers when offloaded, none otherwise
+        offloaded = "engine.offload_params=true" in overrides
+        assert placement["params_offloaded"] == offloaded and placement["param_partitions"] > 0
+        expected = placement["param_partitions"] if offloaded else 0
+        assert placement["param_partitions_in_cpu_buffers"] == expected, placement
     # a partitioned checkpoint consolidates to the same model that trained (mmssl eval reads it)
     proc = subprocess.run(
         [sys.executable, "-m", "mmssl.cli", "eval", str(tmp_path / "run"), "--out", str(tmp_path / "eval")],
@@ -82,11 +105,8 @@ def test_zero_variants_follow_the_same_trajectory(reference, demo_shards, tmp_pa
     assert from_checkpoint["pairs"] and at_end["pairs"] == from_checkpoint["pairs"]
 
 
-def test_bf16_and_accumulation_train(demo_shards, tmp_path):
-    """Gradient accumulation (2 micro-batches per step) trains every step; bf16 (~100x slower on this
-    CPU, so a short run) trains and stays finite."""
-    rows = train(tmp_path / "accum", demo_shards, "optim.micro_batch_size=4", "optim.grad_accum_steps=2")
-    assert len(rows) == STEPS and all(r["loss"] == r["loss"] for r in rows)
+def test_bf16_trains(demo_shards, tmp_path):
+    """bf16 (~100x slower on this CPU, so a short run) trains and stays finite."""
     rows = train(tmp_path / "bf16", demo_shards, "engine.precision=bf16", "train.steps=2")
     ds = json.loads((tmp_path / "bf16" / "ds_config.json").read_text())
     assert ds["bf16"]["enabled"] is True and len(rows) == 2 and rows[-1]["loss"] < 10
@@ -173,3 +193,90 @@ def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included(gloo):
         if not torch.allclose(torch.tensor(v), torch.tensor(expected), atol=1e-5)
     }
     assert not wrong, (expected, wrong)
+
+
+def _fixed_keep(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """The same kept patches for every row, whatever the batch: masks no longer depend on how rows are
+    split into micro-batches (they are drawn per micro-batch otherwise)."""
+    count = keep_count(self.grid[0] * self.grid[1], self.cfg.mask_ratio)
+    return torch.arange(count, device=device).expand(batch, count)
+
+
+def _accumulation_worker(_: int, out: dict) -> None:
+    from mmssl import engine
+    from mmssl.objectives import MaskedPatchObjective
+
+    MaskedPatchObjective.draw_keep = _fixed_keep
+    # masked terms only (a mean over rows, so two halves average to the whole); the contrastive loss
+    # couples rows across the batch and is weighted 0
+    settings = ["objectives.masked_text.enabled=false", "objectives.contrastive.loss.weight=0",
+                f"engine.ds_config={REPO / 'ds_config.json'}", "engine.zero_stage=2", "data.train_shards=x"]  # fmt: skip
+    split = apply_overrides(
+        get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=4", "optim.grad_accum_steps=2"]
+    )
+    whole = apply_overrides(get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=8"])
+    info = engine.init_distributed()
+    torch.manual_seed(0)
+    task = Task(split.validate())
+    initial = [p.detach().clone() for p in task.parameters()]
+    accumulating = engine.Engine(task, split, info)
+    single = engine.Engine(copy.deepcopy(task), whole.validate(), info)
+    torch.manual_seed(1)
+    batch = batch_for(whole, 8)
+    halves = [
+        {k: ({m: v[i : i + 4] for m, v in x.items()} if k == "present" else x[i : i + 4]) for k, x in batch.items()}
+        for i in (0, 4)
+    ]  # fmt: skip
+    stepped = []
+    for micro, half in enumerate(halves):
+        accumulating.backward(accumulating(half, step=0, micro=micro)["loss"])
+        stepped.append(accumulating.step())
+        if micro == 0:
+            out["unchanged_inside_window"] = all(
+                torch.equal(p, q) for p, q in zip(accumulating.module.parameters(), initial, strict=True)
+            )
+    single.backward(single(batch, step=0, micro=0)["loss"])
+    single.step()
+    out["stepped"] = stepped
+    # DeepSpeed's global gradient norm (before clipping): Adam's first step hides the gradient's scale
+    out["grad_norms"] = [float(e.ds.get_global_grad_norm()) for e in (accumulating, single)]
+    pairs = list(zip(accumulating.module.parameters(), single.module.parameters(), initial, strict=True))
+    out["max_difference"] = max((p - q).abs().max().item() for p, q, _ in pairs)
+    out["moved"] = max((p - p0).abs().max().item() for p, _, p0 in pairs)
+    engine.shutdown()
+
+
+def test_accumulating_two_micro_batches_equals_one_batch_of_both():
+    """ZeRO-2 with 2 micro-batches of 4 per step takes the same step as one batch of 8: the gradient is the
+    mean over micro-batches (same norm, same update), and nothing moves inside the window."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_accumulation_worker, args=(out,), nprocs=1, join=True)
+        out = dict(out)
+    assert out["stepped"] == [False, True] and out["unchanged_inside_window"]
+    accumulated, whole = out["grad_norms"]
+    assert whole > 0 and accumulated == pytest.approx(whole, rel=1e-5)
+    # the same update, to rounding (a float32 step of 1.0 is 1.2e-7)
+    assert out["moved"] > 0 and out["max_difference"] < 0.01 * out["moved"], out
+
+
+def test_activation_checkpointing_recomputes_the_blocks_in_backward():
+    """With grad_checkpointing a tower's blocks run a second time during backward (their activations
+    were not kept); a tower without it runs each block once."""
+    cfg = apply_overrides(
+        get_preset("tiny_masked"),
+        ["model.image.grad_checkpointing=true", "objectives.masked_text.enabled=false"],
+    )
+    task = Task(cfg.validate())
+    calls: Counter = Counter()
+    for modality in ("image", "text", "audio"):
+        for block in getattr(task.model, modality).transformer.resblocks:
+            # a pre-hook: the recomputation stops once it has what backward needs (torch's early stop),
+            # before a forward hook would fire
+            block.register_forward_pre_hook(lambda *_, m=modality: calls.update([m]))
+    out = task(batch_for(cfg, 4))
+    forward = dict(calls)
+    out["loss"].backward()
+    depth = len(task.model.image.transformer.resblocks)
+    assert forward["image"] == depth and calls["image"] == 2 * depth  # recomputed in backward
+    assert calls["text"] == forward["text"] > 0 and calls["audio"] == forward["audio"] > 0
