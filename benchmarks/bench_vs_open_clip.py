@@ -122,10 +122,24 @@ def arch(width: int, depth: int, heads: int, patch: int, embed: int, context: in
 
 
 # reference: the 3.4M-parameter model of ../shared/STACK.md (overhead-bound on this CPU);
-# small: the towers of mmssl's `small` preset, where compute dominates
+# small: the towers of mmssl's `small` preset, where compute dominates;
+# base: the image and text towers of mmssl's `base` preset (ViT-B/16 at 224 px; a GPU model, with
+# --device cuda --context-length 77)
 ARCHS = {
     "reference": lambda context: arch(64, 2, 2, 8, 64, context),
     "small": lambda context: arch(192, 4, 3, 4, 128, context),
+    "base": lambda context: Arch(
+        embed_dim=512,
+        image_size=224,
+        patch_size=16,
+        image_width=768,
+        image_depth=12,
+        image_heads=12,
+        text_width=512,
+        text_depth=12,
+        text_heads=8,
+        context_length=context,
+    ),  # fmt: skip
 }
 
 
@@ -181,14 +195,20 @@ def project_pins() -> list[str]:
     return [names[n] for n in BASELINE_PINNED]
 
 
-def baseline_python(venv: Path) -> Path:
-    """The baseline's interpreter; the venv is created (about 2 minutes) when missing or when its pins
-    no longer match pyproject.toml."""
+def baseline_python(venv: Path, *, install: bool = True) -> Path:
+    """The baseline's interpreter; the venv is created (about 2 minutes, from the package index) when
+    missing or when its pins no longer match pyproject.toml, unless ``install`` is off: then that ends
+    the run with one line."""
     wanted = project_pins() + list(BASELINE_EXTRAS)
     stamp = venv / "mmssl-bench.json"
     python = venv / "bin" / "python"
     if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("requirements") == wanted:
         return python
+    if not install:
+        raise SystemExit(
+            f"bench: no up-to-date open_clip_train environment in {venv} and --no-install: create it once "
+            f"(needs the network): python benchmarks/bench_vs_open_clip.py --setup-only --venv {venv}"
+        )
     print(
         f"creating open_clip_train's environment in {venv}: {' '.join(wanted)} (once; a few minutes)",
         flush=True,
@@ -335,7 +355,7 @@ def open_clip_command(
         "--train-data", args.train_data, "--dataset-type", "webdataset",
         "--train-num-samples", str(steps * args.batch), "--epochs", "1",
         "--batch-size", str(args.batch), "--workers", str(setting.workers),
-        "--device", "cpu", "--precision", "fp32",
+        "--device", args.device, "--precision", "fp32" if args.device == "cpu" else "amp_bf16",
         "--lr", str(o.lr), "--warmup", str(o.warmup_steps), "--wd", str(o.weight_decay),
         "--beta1", str(o.beta1), "--beta2", str(o.beta2), "--eps", str(o.eps),
         "--grad-clip-norm", str(args.grad_clip), "--seed", "0",
@@ -355,7 +375,7 @@ def mmssl_command(
         f"data.train_shards={args.shards / 'train'}", f"data.num_workers={args.mmssl_workers}",
         f"optim.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.log_every={args.log_every}",
         f"train.ckpt_every={steps}", "train.eval_at_end=false", f"engine.compile={str(compile_trunks).lower()}",
-        *shlex.split(args.mmssl_args),
+        f"engine.precision={'fp32' if args.device == 'cpu' else 'bf16'}", *shlex.split(args.mmssl_args),
     ]  # fmt: skip
 
 
@@ -505,7 +525,7 @@ def print_report(results: dict[str, Any]) -> None:
            > m["cores"] + 1 else "")
     )  # fmt: skip
     print(
-        f"both: fp32 on CPU, world size 1, {s['threads']} threads, batch {s['batch']}, {s['warmup']} warm-up + "
+        f"both: {s['precision']}, world size 1, {s['threads']} threads, batch {s['batch']}, {s['warmup']} warm-up + "
         f"{s['steps']} measured steps, AdamW with the tiny preset's settings, gradient clipping at "
         f"{s['grad_clip']}, log every {s['log_every']} steps, shards {s['train_data']}"
     )
@@ -601,6 +621,12 @@ def parse_args() -> argparse.Namespace:
         "--venv", type=Path, default=Path("runs/open_clip_venv"), help="the baseline's environment"
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench_vs_open_clip"))
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cpu: both in fp32; cuda: open_clip_train --precision amp_bf16, mmssl engine.precision=bf16",
+    )  # fmt: skip
+    p.add_argument("--no-install", action="store_true", help="never create the baseline's environment")
+    p.add_argument("--setup-only", action="store_true", help="create the baseline's environment and stop")
     args = p.parse_args()
     for name in ("warmup", "steps", "sweep_steps"):
         value = getattr(args, name)
@@ -750,18 +776,20 @@ def describe_settings(
         "threads": args.threads,
         "warmup": args.warmup,
         "steps": args.steps,
+        "precision": "fp32 on CPU" if args.device == "cpu" else "bf16 on CUDA",
         "log_every": args.log_every,
         "grad_clip": args.grad_clip,
         "train_data": args.train_data,
         "open_clip": (
-            f"python -m open_clip_train.main, 1 process, --precision fp32, webdataset (not resampled), "
+            f"python -m open_clip_train.main, 1 process, --device {args.device} --precision "
+            f"{'fp32' if args.device == 'cpu' else 'amp_bf16'}, webdataset (not resampled), "
             f"loader workers / torch.compile as chosen: {chosen} {args.baseline_args}".rstrip()
             + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
         ),
         "mmssl": (
             "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
             f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
-            f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
+            f"on world size 1, {'fp32' if args.device == 'cpu' else 'bf16'}, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
             f"workers / engine.compile as chosen: {mine}"
         ),
         "open_clip_versions": versions,
@@ -770,8 +798,12 @@ def describe_settings(
 
 def main() -> None:
     args = parse_args()
+    venv = args.venv if args.venv.is_absolute() else REPO / args.venv
+    if args.setup_only:
+        print(f"open_clip_train's environment: {baseline_python(venv).parent.parent}")
+        return
     out, ds_config = prepare(args)
-    python = baseline_python(args.venv if args.venv.is_absolute() else REPO / args.venv)
+    python = baseline_python(venv, install=not args.no_install)
     info = machine()
     archs = {name: ARCHS[name](args.context_length) for name in args.models}
     per_model = describe_models(archs, out)
