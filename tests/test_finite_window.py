@@ -78,11 +78,11 @@ def _run_stage(stage: int, info) -> dict:
     }
 
 
-def _window_worker(_: int, out: dict) -> None:
+def _window_worker(_: int, stages: tuple[int, ...], out: dict) -> None:
     from mmssl import engine
 
     info = engine.init_distributed()
-    for stage in STAGES:
+    for stage in stages:
         out[stage] = _run_stage(stage, info)
     engine.shutdown()
 
@@ -90,7 +90,7 @@ def _window_worker(_: int, out: dict) -> None:
 def test_a_nonfinite_micro_batch_skips_its_window_with_one_check_per_step():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_window_worker, args=(out,), nprocs=1, join=True)
+        mp.spawn(_window_worker, args=(STAGES, out), nprocs=1, join=True)
         out = dict(out)
     expected = {
         "stepped": [False, True, False, True],
