@@ -5,9 +5,13 @@ same image-text CLIP (ViT and text transformer of the same widths, depths, heads
 length, vocabulary and embedding size: the parameter counts are checked equal), the same batch size,
 fp32, thread count, world size 1, AdamW settings and gradient clipping. Each trainer runs in a process
 of its own for warm-up + measured steps; the two alternate (open_clip, mmssl, open_clip, mmssl, ...)
-for several repeats. Printed: steady-state samples/s of each over the measured steps only (from each
-trainer's own log; start-up and warm-up excluded), the ratio mmssl/open_clip per repeat and its median
-(target >= 1.3), and the same ratio of samples per CPU second, which a busy machine disturbs less.
+for several repeats. mmssl runs twice per repeat: at equal work (``EQUAL_WORK``: text batches not trimmed,
+no ZeRO; both sides crop alike by default; both read a copy of the shards without their audio) and as a
+user runs it (its defaults). Printed: steady-state samples/s of each over the measured steps only (from each
+trainer's own log, open_clip's at full precision through ``open_clip_timed.py``; start-up and warm-up
+excluded), the ratio mmssl/open_clip per repeat and its median at equal work (target >= 1.3) and as users
+run them, the same ratio of samples per CPU second (a busy machine disturbs it less), each side's MFU from
+mmssl.flops' FLOP count and peak, and the differences that remain at equal work.
 
 The baseline runs in a virtualenv of its own, created here on first use and reused after: the torch,
 torchvision and open_clip_torch pins of pyproject.toml plus webdataset 0.2.86 (open_clip_train breaks
@@ -51,6 +55,21 @@ TARGET = 1.3
 # what open_clip_train needs besides the project's own pins (see ../shared/STACK.md)
 BASELINE_EXTRAS = ("webdataset==0.2.86", "pandas")
 BASELINE_PINNED = ("torch", "torchvision", "open_clip_torch")
+# mmssl at equal work with open_clip_train: its text batches not trimmed to their longest caption (open_clip
+# always runs the full context) and no ZeRO (nothing to partition on one rank; open_clip has no such
+# layer); the crop (RandomResizedCrop, scale 0.9-1.0) is both sides' default already
+EQUAL_WORK = ("data.trim_text=false", "engine.zero_stage=0")
+# what still differs at equal work: not measured one by one here (each needs a trainer changed)
+DIFFERENCES = (
+    "attention: mmssl calls scaled_dot_product_attention (fused kernels), open_clip's towers call "
+    "nn.MultiheadAttention",
+    "optimizer: mmssl torch's fused AdamW on CPU (DeepSpeed's FusedAdam on CUDA) inside DeepSpeed's engine; "
+    "open_clip torch's AdamW (foreach) with its own clipping",
+    "loader: mmssl's data_pipelines stream (decode, crop, tokenize in its workers); open_clip_train's "
+    "webdataset pipeline",
+    "precision on CUDA: mmssl DeepSpeed bf16 (bf16 weights, fp32 master copy); open_clip amp_bf16 (autocast over "
+    "fp32 weights)",
+)
 VOCAB_SIZE = 49409  # mmssl's text vocabulary: open_clip's 49408 BPE ids + one [MASK] id (unused here)
 
 
@@ -122,10 +141,24 @@ def arch(width: int, depth: int, heads: int, patch: int, embed: int, context: in
 
 
 # reference: the 3.4M-parameter model of ../shared/STACK.md (overhead-bound on this CPU);
-# small: the towers of mmssl's `small` preset, where compute dominates
+# small: the towers of mmssl's `small` preset, where compute dominates;
+# base: the image and text towers of mmssl's `base` preset (ViT-B/16 at 224 px; a GPU model, with
+# --device cuda --context-length 77)
 ARCHS = {
     "reference": lambda context: arch(64, 2, 2, 8, 64, context),
     "small": lambda context: arch(192, 4, 3, 4, 128, context),
+    "base": lambda context: Arch(
+        embed_dim=512,
+        image_size=224,
+        patch_size=16,
+        image_width=768,
+        image_depth=12,
+        image_heads=12,
+        text_width=512,
+        text_depth=12,
+        text_heads=8,
+        context_length=context,
+    ),  # fmt: skip
 }
 
 
@@ -137,6 +170,7 @@ class Window:
     last: int
     seconds: float
     data_seconds: float
+    mfu: float | None = None  # as the trainer logged it (mmssl only)
 
     @property
     def steps(self) -> int:
@@ -158,6 +192,7 @@ class Run:
     load_avg: tuple[float, float]  # 1-minute load average before and after
     log: str
     windows: list[dict] = field(default_factory=list)
+    mfu: float | None = None  # model FLOPs utilisation, from mmssl.flops' count and peak (both trainers)
 
 
 @dataclass(frozen=True)
@@ -181,14 +216,20 @@ def project_pins() -> list[str]:
     return [names[n] for n in BASELINE_PINNED]
 
 
-def baseline_python(venv: Path) -> Path:
-    """The baseline's interpreter; the venv is created (about 2 minutes) when missing or when its pins
-    no longer match pyproject.toml."""
+def baseline_python(venv: Path, *, install: bool = True) -> Path:
+    """The baseline's interpreter; the venv is created (about 2 minutes, from the package index) when
+    missing or when its pins no longer match pyproject.toml, unless ``install`` is off: then that ends
+    the run with one line."""
     wanted = project_pins() + list(BASELINE_EXTRAS)
     stamp = venv / "mmssl-bench.json"
     python = venv / "bin" / "python"
     if python.is_file() and stamp.is_file() and json.loads(stamp.read_text()).get("requirements") == wanted:
         return python
+    if not install:
+        raise SystemExit(
+            f"bench: no up-to-date open_clip_train environment in {venv} and --no-install: create it once "
+            f"(needs the network): python benchmarks/bench_vs_open_clip.py --setup-only --venv {venv}"
+        )
     print(
         f"creating open_clip_train's environment in {venv}: {' '.join(wanted)} (once; a few minutes)",
         flush=True,
@@ -330,12 +371,12 @@ def open_clip_command(
 
     o = get_preset("tiny").optim  # the same optimiser settings as the mmssl side
     return [
-        str(python), "-m", "open_clip_train.main",
+        str(python), str(REPO / "benchmarks" / "open_clip_timed.py"),  # open_clip_train.main, exact timing
         "--model", f"local-dir:{a_dir}",
         "--train-data", args.train_data, "--dataset-type", "webdataset",
         "--train-num-samples", str(steps * args.batch), "--epochs", "1",
         "--batch-size", str(args.batch), "--workers", str(setting.workers),
-        "--device", "cpu", "--precision", "fp32",
+        "--device", args.device, "--precision", "fp32" if args.device == "cpu" else "amp_bf16",
         "--lr", str(o.lr), "--warmup", str(o.warmup_steps), "--wd", str(o.weight_decay),
         "--beta1", str(o.beta1), "--beta2", str(o.beta2), "--eps", str(o.eps),
         "--grad-clip-norm", str(args.grad_clip), "--seed", "0",
@@ -347,15 +388,23 @@ def open_clip_command(
 
 
 def mmssl_command(
-    a: Arch, args: argparse.Namespace, steps: int, run_dir: Path, compile_trunks: bool
+    a: Arch,
+    args: argparse.Namespace,
+    steps: int,
+    run_dir: Path,
+    compile_trunks: bool,
+    *,
+    defaults: bool = False,
 ) -> list[str]:
+    """mmssl's run at equal work (:data:`EQUAL_WORK`), or with ``defaults`` as a user runs it."""
     return [
         str(Path(sys.executable).parent / "mmssl"), "train", "--preset", "tiny", "--nproc", "1",
         "--run-dir", str(run_dir), *a.mmssl_overrides(),
-        f"data.train_shards={args.shards / 'train'}", f"data.num_workers={args.mmssl_workers}",
+        f"data.train_shards={args.image_text / 'train'}", f"data.num_workers={args.mmssl_workers}",
         f"optim.micro_batch_size={args.batch}", f"train.steps={steps}", f"train.log_every={args.log_every}",
         f"train.ckpt_every={steps}", "train.eval_at_end=false", f"engine.compile={str(compile_trunks).lower()}",
-        *shlex.split(args.mmssl_args),
+        f"engine.precision={'fp32' if args.device == 'cpu' else 'bf16'}",
+        *(() if defaults else EQUAL_WORK), *shlex.split(args.mmssl_args),
     ]  # fmt: skip
 
 
@@ -385,14 +434,16 @@ def mmssl_windows(metrics_text: str, batch: int) -> list[Window]:
             continue
         n = row["step"] - prev
         seconds = n * batch / row["samples_per_s"]
-        windows.append(Window(prev + 1, row["step"], seconds, seconds * row.get("data_wait", 0.0)))
+        windows.append(
+            Window(prev + 1, row["step"], seconds, seconds * row.get("data_wait", 0.0), row.get("mfu"))
+        )
         prev = row["step"]
     return windows
 
 
 def measure(
     trainer: str, model: str, setting: str, repeat: int | str, command: list[str], args: argparse.Namespace,
-    log: Path, progress: Path, parse, first: int, last: int,
+    log: Path, progress: Path, parse, first: int, last: int, flops_per_sample: float | None = None,
 ) -> Run:  # fmt: skip
     """Run one trainer; keep the log windows that start after the warm-up (``first`` is the last step
     logged before them, ``last`` the last measured one)."""
@@ -407,6 +458,11 @@ def measure(
     if not kept or kept[-1].last != last:
         raise SystemExit(f"bench: {log}: no complete log windows after step {first} ({windows})")
     samples = args.batch * steps
+    if flops_per_sample is not None:  # open_clip: the FLOPs mmssl.flops counts for the same model and batch
+        mfu = samples / seconds * flops_per_sample / args.peak if args.peak else None
+    else:  # mmssl logs its own, from the same counter (trimmed text counted at its real length)
+        logged = [(w.mfu, w.seconds) for w in kept if w.mfu is not None]
+        mfu = sum(m * t for m, t in logged) / sum(t for _, t in logged) if logged else None
     return Run(
         trainer=trainer, model=model, setting=setting, repeat=repeat,
         samples_per_s=samples / seconds, measured_steps=steps,
@@ -414,7 +470,7 @@ def measure(
         samples_per_cpu_s=samples / region.cpu if region and region.cpu > 0 else None,
         watched_samples_per_s=samples / region.wall if region else None,
         wall_seconds=wall, load_avg=(load0, os.getloadavg()[0]), log=str(progress),
-        windows=[asdict(w) for w in windows],
+        windows=[asdict(w) for w in windows], mfu=mfu,
     )  # fmt: skip
 
 
@@ -430,18 +486,20 @@ def run_open_clip(
     command = open_clip_command(python, a_dir, args, setting, steps, name, out / "open_clip")
     progress = out / "open_clip" / name / "out.log"
     return measure("open_clip", model, setting.label, repeat, command, args, out / f"{name}.log", progress,
-                   open_clip_windows, args.warmup + 1, steps)  # fmt: skip
+                   open_clip_windows, args.warmup + 1, steps, args.flops[model])  # fmt: skip
 
 
 def run_mmssl(
     model: str, a: Arch, args: argparse.Namespace, setting: Setting, repeat: int | str, out: Path,
-    measured: int,
+    measured: int, *, defaults: bool = False,
 ) -> Run:  # fmt: skip
+    """mmssl at equal work (trainer ``mmssl``) or as a user runs it (``mmssl_defaults``)."""
     steps = args.warmup + measured
-    name = f"{model}-mmssl-{repeat}-{setting.label}"
+    trainer = "mmssl_defaults" if defaults else "mmssl"
+    name = f"{model}-{trainer}-{repeat}-{setting.label}"
     run_dir = out / "mmssl" / name
-    command = mmssl_command(a, args, steps, run_dir, setting.compile)
-    return measure("mmssl", model, setting.label, repeat, command, args, out / f"{name}.log",
+    command = mmssl_command(a, args, steps, run_dir, setting.compile, defaults=defaults)
+    return measure(trainer, model, setting.label, repeat, command, args, out / f"{name}.log",
                    run_dir / "metrics.jsonl", mmssl_windows, args.warmup, steps)  # fmt: skip
 
 
@@ -464,6 +522,16 @@ def summarise(runs: list[Run]) -> dict[str, Any]:
     cpu_ratios = [m / o for m, o in cpu if m and o]
     out["cpu_ratios"] = cpu_ratios
     out["median_cpu_ratio"] = statistics.median(cpu_ratios) if cpu_ratios else None
+    # as a user runs each: mmssl's defaults (text trimming, ZeRO from ds_config.json) against the same baseline
+    out["mmssl_defaults_samples_per_s"] = [by["mmssl_defaults", k].samples_per_s for k in repeats]
+    out["median_mmssl_defaults"] = statistics.median(out["mmssl_defaults_samples_per_s"])
+    out["default_ratios"] = [
+        by["mmssl_defaults", k].samples_per_s / by["open_clip", k].samples_per_s for k in repeats
+    ]
+    out["median_default_ratio"] = statistics.median(out["default_ratios"])
+    for trainer in ("open_clip", "mmssl", "mmssl_defaults"):
+        mfus = [by[trainer, k].mfu for k in repeats if by[trainer, k].mfu is not None]
+        out[f"median_mfu_{trainer}"] = statistics.median(mfus) if mfus else None
     return out
 
 
@@ -496,6 +564,11 @@ def _num(x: float | None, spec: str) -> str:
     return format(x, spec) if x is not None else "-"
 
 
+def _peak(settings: dict[str, Any]) -> str:
+    peak = settings.get("peak_flops")
+    return f"{peak / 1e9:.1f} GFLOP/s, {settings.get('peak_source')}" if peak else "unknown"
+
+
 def print_report(results: dict[str, Any]) -> None:
     m, s = results["machine"], results["settings"]
     print(
@@ -505,7 +578,7 @@ def print_report(results: dict[str, Any]) -> None:
            > m["cores"] + 1 else "")
     )  # fmt: skip
     print(
-        f"both: fp32 on CPU, world size 1, {s['threads']} threads, batch {s['batch']}, {s['warmup']} warm-up + "
+        f"both: {s['precision']}, world size 1, {s['threads']} threads, batch {s['batch']}, {s['warmup']} warm-up + "
         f"{s['steps']} measured steps, AdamW with the tiny preset's settings, gradient clipping at "
         f"{s['grad_clip']}, log every {s['log_every']} steps, shards {s['train_data']}"
     )
@@ -543,8 +616,26 @@ def print_report(results: dict[str, Any]) -> None:
         print(
             f"  {'median':<7}{summary['median_open_clip']:>12.1f}{'':>14}{summary['median_mmssl']:>10.1f}{'':>14}"
             f"{summary['median_ratio']:>8.2f}{_num(summary['median_cpu_ratio'], '11.2f')}"
-            f"   mmssl/open_clip, target >= {TARGET}: {verdict}"
+            f"   mmssl/open_clip at equal work, target >= {TARGET}: {verdict}"
         )
+        d = summary
+        print(
+            f"  at equal work ({' '.join(EQUAL_WORK)}, the same crop, image-text shards): "
+            f"{d['median_ratio']:.2f}x; MFU open_clip {_num(d['median_mfu_open_clip'], '.1%')}, "
+            f"mmssl {_num(d['median_mfu_mmssl'], '.1%')}"
+        )
+        print(
+            f"  as a user runs each (mmssl's defaults: text trimmed to the batch's longest caption, ZeRO from "
+            f"ds_config.json): mmssl {d['median_mmssl_defaults']:.1f}/s, {d['median_default_ratio']:.2f}x "
+            f"open_clip_train (MFU {_num(d['median_mfu_mmssl_defaults'], '.1%')}, trimmed FLOPs counted); "
+            f"the defaults' effect on mmssl: {d['median_mmssl_defaults'] / d['median_mmssl']:.2f}x"
+        )
+    print(
+        f"\nMFU: samples/s x training FLOPs per sample (mmssl.flops; open_clip's model counted as mmssl's at equal "
+        f"work) / peak ({_peak(results['settings'])}). Remaining differences at equal work (not measured one by one):"
+    )
+    for difference in DIFFERENCES:
+        print(f"  - {difference}")
     print(
         "\nratio: steady-state samples/s of mmssl over open_clip_train's, same repeat. CPU ratio: the same for "
         "samples per CPU second of each trainer's whole process group (loader workers included), which a busy "
@@ -591,8 +682,8 @@ def parse_args() -> argparse.Namespace:
         help="engine.compile (torch.compile of the trunks); 'auto': try both, keep the faster, as for the baseline",
     )  # fmt: skip
     p.add_argument(
-        "--mmssl-args", default="engine.zero_stage=0",
-        help="more mmssl config overrides; default: ZeRO stage 0, as ZeRO has nothing to partition on one rank",
+        "--mmssl-args", default="",
+        help="more mmssl config overrides, for both of its runs (equal work adds: " + " ".join(EQUAL_WORK) + ")",
     )  # fmt: skip
     p.add_argument(
         "--shards", type=Path, default=Path("data/demo"), help="spoken-digits build (made if missing)"
@@ -601,6 +692,12 @@ def parse_args() -> argparse.Namespace:
         "--venv", type=Path, default=Path("runs/open_clip_venv"), help="the baseline's environment"
     )
     p.add_argument("--out", type=Path, default=Path("runs/bench_vs_open_clip"))
+    p.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cpu: both in fp32; cuda: open_clip_train --precision amp_bf16, mmssl engine.precision=bf16",
+    )  # fmt: skip
+    p.add_argument("--no-install", action="store_true", help="never create the baseline's environment")
+    p.add_argument("--setup-only", action="store_true", help="create the baseline's environment and stop")
     args = p.parse_args()
     for name in ("warmup", "steps", "sweep_steps"):
         value = getattr(args, name)
@@ -671,9 +768,12 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 
         print(f"building the demo shards in {args.shards}", flush=True)
         build_spoken_digits(args.shards)
-    n_shards = len(list((args.shards / "train").glob("shard-*.tar")))
+    args.image_text = image_text_shards(
+        args.shards / "train", args.shards.with_name(f"{args.shards.name}-image-text")
+    )
+    n_shards = len(list((args.image_text / "train").glob("shard-*.tar")))
     # open_clip_train takes a brace pattern; the demo's shards are numbered from 0
-    args.train_data = str(args.shards / "train" / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
+    args.train_data = str(args.image_text / "train" / f"shard-{{000000..{n_shards - 1:06d}}}.tar")
     ds_config = json.loads((REPO / "ds_config.json").read_text())
     args.grad_clip = ds_config.get("gradient_clipping") or 0.0  # both clip where mmssl's engine does
     out = (args.out if args.out.is_absolute() else REPO / args.out) / time.strftime("%Y%m%d-%H%M%S")
@@ -681,7 +781,39 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
     return out, ds_config
 
 
-def describe_models(archs: dict[str, Arch], out: Path) -> dict[str, dict[str, Any]]:
+def image_text_shards(train: Path, out: Path) -> Path:
+    """A copy of the ``train`` shards without their audio members (made once): neither trainer then reads
+    bytes it throws away. Returns ``out`` (shards under ``out/train``)."""
+    import shutil
+    import tarfile
+
+    done = out / "DONE"
+    if done.is_file():
+        return out
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    for shard in sorted(train.glob("shard-*.tar")):
+        with tarfile.open(shard) as src, tarfile.open(out / "train" / shard.name, "w") as dst:
+            for member in src:
+                if not member.name.endswith((".wav", ".flac", ".mp3")):
+                    dst.addfile(member, src.extractfile(member) if member.isfile() else None)
+    for extra in train.glob("*.json"):  # sizes.json: the sample counts are unchanged
+        shutil.copy(extra, out / "train" / extra.name)
+    done.write_text("image and text members of " + str(train) + "\n")
+    return out
+
+
+def flops_per_sample(a: Arch, args: argparse.Namespace) -> float:
+    """Training FLOPs per sample of the image-text model at equal work (full text context), by mmssl.flops:
+    the figure both sides' MFU is computed from."""
+    from mmssl import flops
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+
+    cfg = apply_overrides(get_preset("tiny"), [*a.mmssl_overrides(), *EQUAL_WORK]).validate()
+    return flops.train_flops_per_sample(cfg, args.batch, None)
+
+
+def describe_models(archs: dict[str, Arch], out: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Each model's open_clip config written to disk and both parameter counts, which must agree."""
     per_model: dict[str, dict[str, Any]] = {}
     for name, a in archs.items():
@@ -693,6 +825,7 @@ def describe_models(archs: dict[str, Arch], out: Path) -> dict[str, dict[str, An
         if counts["mmssl"] != counts["open_clip"]:
             raise SystemExit(f"bench: the two {name} models differ in size: {counts}")
         per_model[name] = {
+            "flops_per_sample": flops_per_sample(a, args),
             "arch": asdict(a),
             "parameters": counts,
             "open_clip_config": str(a_dir),
@@ -711,7 +844,7 @@ def run_models(
     """Per model: each trainer's best setting, then ``--repeats`` alternating runs of both; every run is
     recorded in ``per_model`` and the model's summary added."""
     bar = tqdm(
-        total=len(archs) * (2 * args.repeats + sweep_runs(args)), desc="runs", unit="run", dynamic_ncols=True
+        total=len(archs) * (3 * args.repeats + sweep_runs(args)), desc="runs", unit="run", dynamic_ncols=True
     )
     runs: list[Run] = []
 
@@ -734,6 +867,7 @@ def run_models(
             bar.set_description(f"{name}: repeat {k + 1}/{args.repeats}")
             record(run_open_clip(python, name, a_dir, args, setting, k, out, args.steps))
             record(run_mmssl(name, a, args, mine, k, out, args.steps))
+            record(run_mmssl(name, a, args, mine, k, out, args.steps, defaults=True))
         r["summary"] = summarise([x for x in runs if x.model == name])
     bar.close()
 
@@ -750,31 +884,54 @@ def describe_settings(
         "threads": args.threads,
         "warmup": args.warmup,
         "steps": args.steps,
+        "precision": "fp32 on CPU" if args.device == "cpu" else "bf16 on CUDA",
+        "peak_flops": args.peak,
+        "peak_source": args.peak_source,
+        "equal_work": list(EQUAL_WORK),
+        "differences": list(DIFFERENCES),
         "log_every": args.log_every,
         "grad_clip": args.grad_clip,
         "train_data": args.train_data,
         "open_clip": (
-            f"python -m open_clip_train.main, 1 process, --precision fp32, webdataset (not resampled), "
+            f"python -m open_clip_train.main, 1 process, --device {args.device} --precision "
+            f"{'fp32' if args.device == 'cpu' else 'amp_bf16'}, webdataset (not resampled), "
             f"loader workers / torch.compile as chosen: {chosen} {args.baseline_args}".rstrip()
             + f"; {', '.join(f'{k} {v}' for k, v in versions.items())}"
         ),
         "mmssl": (
             "mmssl train --nproc 1: DeepSpeed (ds_config.json's ZeRO stage "
             f"{ds_config.get('zero_optimization', {}).get('stage', 0)} unless overridden below) "
-            f"on world size 1, fp32, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
-            f"workers / engine.compile as chosen: {mine}"
+            f"on world size 1, {'fp32' if args.device == 'cpu' else 'bf16'}, data.num_workers={args.mmssl_workers} {args.mmssl_args}; "
+            f"workers / engine.compile as chosen: {mine}; at equal work also {' '.join(EQUAL_WORK)}, as a user runs "
+            "it without them"
         ),
         "open_clip_versions": versions,
     }
 
 
+def device_peak(args: argparse.Namespace) -> tuple[float | None, str]:
+    """The peak FLOP/s of one trainer's device as mmssl measures it (on CPU: its matmul probe at --threads)."""
+    import torch
+
+    from mmssl import flops
+
+    torch.set_num_threads(args.threads)
+    return flops.device_peak(torch.device("cuda:0" if args.device == "cuda" else "cpu"))
+
+
 def main() -> None:
     args = parse_args()
+    venv = args.venv if args.venv.is_absolute() else REPO / args.venv
+    if args.setup_only:
+        print(f"open_clip_train's environment: {baseline_python(venv).parent.parent}")
+        return
     out, ds_config = prepare(args)
-    python = baseline_python(args.venv if args.venv.is_absolute() else REPO / args.venv)
+    python = baseline_python(venv, install=not args.no_install)
     info = machine()
     archs = {name: ARCHS[name](args.context_length) for name in args.models}
-    per_model = describe_models(archs, out)
+    per_model = describe_models(archs, out, args)
+    args.flops = {name: r["flops_per_sample"] for name, r in per_model.items()}
+    args.peak, args.peak_source = device_peak(args)
     run_models(python, archs, per_model, args, out)
     info["load_avg_at_end"] = os.getloadavg()
     results = {

@@ -53,7 +53,8 @@ def train_window(
     loss = weighted.detach() + torch.stack([p["masked_loss"] for p in passes]).mean()
     if poison:  # a fault drill (train.inject_nonfinite_at)
         loss = loss * float("nan")
-    if not engine.all_finite(loss):
+    eng.watch(loss)
+    if not eng.window_finite():  # the step's one host sync, before any backward
         return None
 
     # The engine divides each micro-batch's loss by K, which averages the masked terms over the window;
@@ -75,8 +76,9 @@ def train_window(
             scales=scale_grads if micro == 0 else {},
             biases=bias_grads if micro == 0 else {},
         )
-        eng.backward(eng(batch, step=step, micro=micro, window=window)["loss"])
-        stepped = eng.step()
+        # the window's loss is checked above: these per-micro-batch surrogates need no second check
+        eng.backward(eng(batch, step=step, micro=micro, window=window)["loss"], watch=False)
+        stepped = eng.step() == "stepped"
     assert stepped, "a cached window must end at the engine's accumulation boundary"
 
     out = {"loss": loss, **{name: value.detach() for name, value in contrastive_terms.items()}}

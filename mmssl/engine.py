@@ -19,7 +19,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -255,6 +255,7 @@ class Engine:
             dist_init_required=False,
         )
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+        self._nonfinite: Tensor | None = None  # this window's found-non-finite flag, on the device
 
     @property
     def module(self) -> nn.Module:
@@ -267,8 +268,32 @@ class Engine:
     def __call__(self, batch: dict[str, Any], **kwargs: Any) -> dict[str, Tensor]:
         return self.ds(batch, **kwargs)
 
-    def backward(self, loss: Tensor) -> None:
+    def backward(self, loss: Tensor, *, watch: bool = True) -> None:
+        """Backward of one micro-batch's loss; ``watch`` folds its finiteness into the window's flag first
+        (a device op: no host sync), which :meth:`step` checks once at the accumulation boundary."""
+        if watch:
+            self.watch(loss)
         self.ds.backward(loss)
+
+    def watch(self, loss: Tensor) -> None:
+        """Note on the device whether ``loss`` is non-finite; the window's flag is checked once, by
+        :meth:`window_finite` (or :meth:`step` at the boundary)."""
+        bad = ~torch.isfinite(loss.detach()).all()
+        self._nonfinite = bad if self._nonfinite is None else self._nonfinite | bad
+
+    def window_finite(self) -> bool:
+        """Whether every loss watched in this window was finite on every rank, then forget them. The one
+        host sync of an optimizer step (an all-reduce and ``.item()``): all ranks must agree to skip a
+        step together, or ZeRO's collectives would diverge."""
+        flag = (
+            self._nonfinite.float()
+            if self._nonfinite is not None
+            else torch.zeros((), device=self.info.device)
+        )
+        self._nonfinite = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not flag.item()
 
     @property
     def loss_divisor(self) -> int:
@@ -276,14 +301,47 @@ class Engine:
         1/gradient_accumulation_steps, so that the accumulated gradient averages the micro-batches'."""
         return self.ds.gradient_accumulation_steps()
 
-    def step(self) -> bool:
-        """Step the optimizer at an accumulation boundary, then clamp the bounded parameters (as open_clip
-        clamps its logit scale after ``optimizer.step()``); returns whether it stepped."""
-        boundary = self.ds.is_gradient_accumulation_boundary()
+    def step(self) -> Literal["accumulating", "stepped", "skipped"]:
+        """Inside an accumulation window: count the micro-batch. At its boundary: if a loss watched in the
+        window was not finite on some rank, skip the update on every rank (gradients zeroed, no weight,
+        optimizer state or learning rate changed); else step the optimizer, then clamp the bounded
+        parameters (as open_clip clamps its logit scale after ``optimizer.step()``)."""
+        if not self.ds.is_gradient_accumulation_boundary():
+            self.ds.step()
+            return "accumulating"
+        if self._nonfinite is not None and not self.window_finite():
+            self._skip_step()
+            return "skipped"
         self.ds.step()
-        if boundary:
-            apply_bounds(self.bounds)
-        return boundary
+        apply_bounds(self.bounds)
+        return "stepped"
+
+    def _skip_step(self) -> None:
+        """End the window without an update, through DeepSpeed's own overflow path (the one its fp16 loss
+        scaling takes): the optimizer reports an overflow, so DeepSpeed zeroes the gradients (under ZeRO
+        also the reduced partitions), steps neither the optimizer nor the lr scheduler, counts a skipped
+        step and advances its micro-step counter to the next window. ZeRO's optimizers take that path
+        themselves when ``overflow`` is set (and not recomputed); the optimizer without ZeRO (torch's, or
+        DeepSpeed's bf16 one) has no such path, so its ``step`` is made a no-op for this one call."""
+        opt = self.ds.optimizer
+        saved = {name: opt.__dict__[name] for name in ("step", "check_grad_overflow") if name in opt.__dict__}
+        had_overflow = hasattr(opt, "overflow")
+        zero = self.zero_stage > 0
+        if zero:
+            opt.check_grad_overflow = False  # ZeRO-1/2: else a bf16 run recomputes it from the gradients
+        else:
+            opt.step = lambda *args, **kwargs: None
+        opt.overflow = True
+        try:
+            self.ds.step()
+        finally:
+            for name in ("step", "check_grad_overflow"):
+                opt.__dict__.pop(name, None)
+            opt.__dict__.update(saved)
+            if had_overflow:
+                opt.overflow = False
+            else:
+                del opt.overflow
 
     def train(self, mode: bool = True) -> None:
         self.ds.train(mode)
@@ -412,15 +470,6 @@ def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dic
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag or latest_tag(ckpt_dir))
-
-
-def all_finite(loss: Tensor) -> bool:
-    """Whether the loss is finite on every rank. Syncs with the host once: all ranks must agree to skip
-    a step together, or ZeRO's collectives would diverge."""
-    flag = torch.isfinite(loss.detach()).all().float()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
 
 
 def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:

@@ -40,15 +40,17 @@ def train_step(
     eng: engine.Engine, batch: dict[str, Any], *, step: int, micro: int, poison: bool = False
 ) -> dict[str, torch.Tensor] | None:
     """One micro-batch: forward, loss, backward, optimizer step (at an accumulation boundary). Returns
-    the task's outputs plus ``stepped``, or None when the loss was not finite on some rank: then no
-    rank ran backward or step, so no weight and no optimizer state changed."""
+    the task's outputs plus ``stepped``, or None when the window it ends is skipped: a loss in it was
+    not finite on some rank, so no rank changed a weight or the optimizer state. The finiteness is
+    watched on the device and checked once per window, at its boundary: no host sync per micro-batch."""
     out = eng(batch, step=step, micro=micro)
     if poison:  # a fault drill (train.inject_nonfinite_at)
         out["loss"] = out["loss"] * float("nan")
-    if not engine.all_finite(out["loss"]):
-        return None
     eng.backward(out["loss"])
-    out["stepped"] = eng.step()
+    outcome = eng.step()
+    if outcome == "skipped":
+        return None
+    out["stepped"] = outcome == "stepped"
     return out
 
 
@@ -143,6 +145,7 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
     unit = cfg.optim.grad_accum_steps if cached else 1
     start, first_loss, last = time.perf_counter(), None, {}
     micro, data_wait, attempts, bad_in_a_row, skipped = 0, 0.0, 0, 0, 0
+    window_keys: list[list[str]] = []  # the keys of the window under way (written when it ends)
     eng.train()
     while step < cfg.train.steps:
         fetch = time.perf_counter()
@@ -154,12 +157,15 @@ def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
             out = accumulate.train_window(eng, batches, step=step, poison=poison)
         else:
             out = train_step(eng, batches[0], step=step, micro=micro, poison=poison)
-        if keys is not None:
-            for batch in batches:
-                keys.write(step + 1, batch["__key__"], skipped=out is None)
-        if out is None:
-            skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
-            what = "window" if cached else "micro-batch"
+        window_keys += [batch["__key__"] for batch in batches]
+        if keys is not None and (out is None or out["stepped"]):  # the window's keys, once its fate is known
+            for batch_keys in window_keys:
+                keys.write(step + 1, batch_keys, skipped=out is None)
+        if out is None or out["stepped"]:
+            window_keys = []
+        if out is None:  # the whole accumulation window is skipped: the next micro-batch starts a new one
+            skipped, bad_in_a_row, micro = skipped + 1, bad_in_a_row + 1, 0
+            what = "window" if cfg.optim.grad_accum_steps > 1 else "micro-batch"
             log.write(
                 f"step {step + 1}: non-finite loss, {what} skipped ({bad_in_a_row} in a row, {skipped} in all)"
             )
