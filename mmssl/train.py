@@ -98,143 +98,200 @@ class _TqdmStream:
 
 
 def train(cfg: RunConfig, *, resume: str | None = None) -> dict[str, Any]:
-    info = engine.init_distributed()
-    report_data_warnings(info.rank)
-    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-    task = Task(cfg, rank=info.rank, world_size=info.world_size)
-    if not resume:  # a resumed run's checkpoint holds every weight
-        initialize(task, cfg, show=info.is_main)
-    eng = engine.Engine(task, cfg, info)
-    run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_json(cfg, run_dir / "config.json")
-        (run_dir / "ds_config.json").write_text(json.dumps(eng.ds_config, indent=2) + "\n")
+    """Train ``cfg`` on the ranks the launcher started (or one), evaluate at the end, return the summary."""
+    trainer = Trainer(cfg, resume=resume)
+    trainer.run()
+    return trainer.finish()
 
-    step, data_state = 0, None
-    if resume:
-        state = eng.load(ckpt_dir, None if resume == "latest" else resume)
-        step, data_state = int(state["step"]), state.get("data")
-    samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
-    peak, peak_source = flops.device_peak(info.device)
-    global_batch = cfg.optim.micro_batch_size * info.world_size
-    throughput = Throughput(samples_per_step=samples_per_step, world_size=info.world_size, peak_flops=peak)
-    work = Work(lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg))
-    log = RunLog(
-        run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=step, throughput=throughput
-    )
-    log.write(
-        f"training {cfg.preset}: {describe(task)}, "
-        f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{eng.zero_stage}, "
-        f"{samples_per_step} samples/step, steps {step}->{cfg.train.steps}; "
-        f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
-    )
-    if cfg.objectives.unmasked_tuning_steps:
-        log.write(
-            f"unmasked tuning (FLIP): masked objectives off, whole inputs, from step "
-            f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps}"
+
+class Trainer:
+    """One run's state between its steps: the engine, the loader, the logs, and the counters the loop keeps.
+    ``run()`` is the loop; everything else is a step of it, on its own cadence."""
+
+    def __init__(self, cfg: RunConfig, *, resume: str | None = None):
+        self.cfg = cfg
+        self.info = info = engine.init_distributed()
+        report_data_warnings(info.rank)
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
+        self.task = Task(cfg, rank=info.rank, world_size=info.world_size)
+        if not resume:  # a resumed run's checkpoint holds every weight
+            initialize(self.task, cfg, show=info.is_main)
+        self.eng = engine.Engine(self.task, cfg, info)
+        self.run_dir = Path(cfg.run_dir)
+        self.ckpt_dir = self.run_dir / "checkpoints"
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_json(cfg, self.run_dir / "config.json")
+            (self.run_dir / "ds_config.json").write_text(json.dumps(self.eng.ds_config, indent=2) + "\n")
+        self.step, data_state = 0, None
+        if resume:
+            state = self.eng.load(self.ckpt_dir, None if resume == "latest" else resume)
+            self.step, data_state = int(state["step"]), state.get("data")
+        self.log, self.work = self.start_log()
+        # a resumed loader continues at the next sample this run had not consumed
+        self.loader = data.loader(
+            cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state
         )
-    # a resumed loader continues at the next sample this run had not consumed
-    loader = data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state)
-    stream = iter(loader)
-    keys = KeyLog(run_dir, info.rank, resumed_at=step if resume else None) if cfg.train.record_keys else None
+        self.keys = (
+            KeyLog(self.run_dir, info.rank, resumed_at=self.step if resume else None)
+            if cfg.train.record_keys
+            else None
+        )
+        # the unit trained (or skipped) at once: a micro-batch, or under cached accumulation a whole window
+        self.cached = cfg.objectives.contrastive.accumulate == "cached"
+        self.unit = cfg.optim.grad_accum_steps if self.cached else 1
+        self.micro, self.attempts, self.bad_in_a_row, self.skipped, self.data_wait = 0, 0, 0, 0, 0.0
+        self.window_keys: list[list[str]] = []  # the keys of the window under way (written when it ends)
+        self.first_loss, self.last, self.elapsed = None, {}, 0.0
 
-    # the unit trained (or skipped) at once: a micro-batch, or under cached accumulation a whole window
-    cached = cfg.objectives.contrastive.accumulate == "cached"
-    unit = cfg.optim.grad_accum_steps if cached else 1
-    start, first_loss, last = time.perf_counter(), None, {}
-    micro, data_wait, attempts, bad_in_a_row, skipped = 0, 0.0, 0, 0, 0
-    window_keys: list[list[str]] = []  # the keys of the window under way (written when it ends)
-    eng.train()
-    while step < cfg.train.steps:
-        fetch = time.perf_counter()
-        batches = [to_device(next(stream), info.device, eng.dtype) for _ in range(unit)]
-        data_wait += time.perf_counter() - fetch
-        poison = any(attempts + i in cfg.train.inject_nonfinite_at for i in range(1, unit + 1))
-        attempts += unit
-        if cached:
-            out = accumulate.train_window(eng, batches, step=step, poison=poison)
-        else:
-            out = train_step(eng, batches[0], step=step, micro=micro, poison=poison)
-        window_keys += [batch["__key__"] for batch in batches]
-        if keys is not None and (out is None or out["stepped"]):  # the window's keys, once its fate is known
-            for batch_keys in window_keys:
-                keys.write(step + 1, batch_keys, skipped=out is None)
-        if out is None or out["stepped"]:
-            window_keys = []
-        if out is None:  # the whole accumulation window is skipped: the next micro-batch starts a new one
-            skipped, bad_in_a_row, micro = skipped + 1, bad_in_a_row + 1, 0
-            what = "window" if cfg.optim.grad_accum_steps > 1 else "micro-batch"
+    def start_log(self) -> tuple[RunLog, Work]:
+        cfg, info = self.cfg, self.info
+        samples_per_step = cfg.optim.micro_batch_size * cfg.optim.grad_accum_steps * info.world_size
+        peak, peak_source = flops.device_peak(info.device)
+        global_batch = cfg.optim.micro_batch_size * info.world_size
+        throughput = Throughput(
+            samples_per_step=samples_per_step, world_size=info.world_size, peak_flops=peak
+        )
+        work = Work(
+            lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg)
+        )
+        log = RunLog(
+            self.run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=self.step,
+            throughput=throughput,
+        )  # fmt: skip
+        log.write(
+            f"training {cfg.preset}: {describe(self.task)}, "
+            f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{self.eng.zero_stage}, "
+            f"{samples_per_step} samples/step, steps {self.step}->{cfg.train.steps}; "
+            f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
+        )
+        if cfg.objectives.unmasked_tuning_steps:
             log.write(
-                f"step {step + 1}: non-finite loss, {what} skipped ({bad_in_a_row} in a row, {skipped} in all)"
+                f"unmasked tuning (FLIP): masked objectives off, whole inputs, from step "
+                f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps}"
             )
-            if bad_in_a_row >= cfg.train.max_bad_steps:
-                raise RuntimeError(
-                    f"{bad_in_a_row} consecutive non-finite losses at step {step + 1} (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}): stopping; the last good checkpoint is in {ckpt_dir}"
-                )
-            continue
-        bad_in_a_row = 0
-        for batch in batches:
-            work.add(batch)
-        micro = (micro + unit) % cfg.optim.grad_accum_steps
-        if not out.pop("stepped"):
-            continue  # inside a gradient-accumulation window
-        step += 1
-        log.advance()
-        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            # the only host sync of the loop: averaging the logged scalars over ranks
-            scalars = {k: v for k, v in out.items() if v.numel() == 1}
-            device = out["loss"].device
-            scalars["data_wait_seconds"] = torch.tensor(data_wait, device=device)
-            scalars.update({k: torch.tensor(v, device=device) for k, v in work.take().items()})
-            bad = {f"bad_{k}": v for k, v in bad_data_totals(loader).items()}
-            last = log.log(
-                step, {**engine.all_reduce_mean(scalars), "lr": eng.lr, "skipped_steps": skipped, **bad}
-            )
-            data_wait = 0.0
-            first_loss = last["loss"] if first_loss is None else first_loss
-        if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps:
-            # every rank's loader position, taken between steps: what the trainer consumed, not what
-            # the loader workers prefetched
-            positions = combine_states(engine.all_gather_object(loader.state_dict()))
-            tag = eng.save(ckpt_dir, step, {"step": step, "data": positions}, keep_last=cfg.train.keep_last)
-            log.write(f"step {step}: checkpoint {ckpt_dir / tag}")
-    log.close()
-    elapsed = time.perf_counter() - start
+        return log, work
 
-    summary: dict[str, Any] = {
-        "preset": cfg.preset,
-        "steps": step,
-        "world_size": info.world_size,
-        "seconds": round(elapsed, 1),
-        "first_logged_loss": first_loss,
-        "final_loss": last.get("loss"),
-        "samples_per_s": last.get("samples_per_s"),
-        "mfu": last.get("mfu"),
-        "data_wait": last.get("data_wait"),
-        "checkpoint": str(ckpt_dir),
-        "skipped_steps": skipped,
-        "bad_data": bad_data_totals(loader),
-    }
-    error = None
-    if cfg.train.eval_at_end and cfg.data.eval_shards:
-        results, error, cause = evaluate_at_end(task, eng, cfg, info, progress=log.interactive)
-        if results is not None:
-            summary["eval"] = results
-        if cause:
-            summary["eval_error"] = cause
-    if info.is_main:
-        report.loss_curves_png(report.read_metrics(run_dir / "metrics.jsonl"), run_dir / "loss.png")
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(format_summary(summary, run_dir), flush=True)
-        if "eval_error" in summary:
-            print(eval_failure_line(summary["eval_error"], cfg), file=sys.stderr, flush=True)
-    engine.shutdown()
-    if error is not None and not isinstance(error, USER_ERRORS):
-        raise error  # not the data's fault: a bug, with its traceback, once the summary is safe
-    return summary
+    def run(self) -> None:
+        cfg, stream = self.cfg, iter(self.loader)
+        start = time.perf_counter()
+        self.eng.train()
+        while self.step < cfg.train.steps:
+            fetch = time.perf_counter()
+            batches = [to_device(next(stream), self.info.device, self.eng.dtype) for _ in range(self.unit)]
+            self.data_wait += time.perf_counter() - fetch
+            out = self.train_unit(batches)
+            self.record_keys(batches, out)
+            if out is None:
+                self.skip()
+                continue
+            self.bad_in_a_row = 0
+            for batch in batches:
+                self.work.add(batch)
+            self.micro = (self.micro + self.unit) % cfg.optim.grad_accum_steps
+            if not out.pop("stepped"):
+                continue  # inside a gradient-accumulation window
+            self.step += 1
+            self.log.advance()
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.steps:
+                self.log_step(out)
+            if self.step % cfg.train.ckpt_every == 0 or self.step == cfg.train.steps:
+                self.checkpoint()
+        self.log.close()
+        self.elapsed = time.perf_counter() - start
+
+    def train_unit(self, batches: list[dict[str, Any]]) -> dict[str, torch.Tensor] | None:
+        """A micro-batch (or a cached window): its outputs plus ``stepped``, or None when its window was
+        skipped. ``train.inject_nonfinite_at`` poisons the attempts it names (a fault drill)."""
+        poison = any(self.attempts + i in self.cfg.train.inject_nonfinite_at for i in range(1, self.unit + 1))
+        self.attempts += self.unit
+        if self.cached:
+            return accumulate.train_window(self.eng, batches, step=self.step, poison=poison)
+        return train_step(self.eng, batches[0], step=self.step, micro=self.micro, poison=poison)
+
+    def record_keys(self, batches: list[dict[str, Any]], out: dict[str, torch.Tensor] | None) -> None:
+        """The window's keys go to the key log once its fate (trained or skipped) is known."""
+        self.window_keys += [batch["__key__"] for batch in batches]
+        if out is not None and not out["stepped"]:
+            return
+        if self.keys is not None:
+            for batch_keys in self.window_keys:
+                self.keys.write(self.step + 1, batch_keys, skipped=out is None)
+        self.window_keys = []
+
+    def skip(self) -> None:
+        """The whole accumulation window was skipped: count it; the next micro-batch starts a new one."""
+        cfg = self.cfg
+        self.skipped, self.bad_in_a_row, self.micro = self.skipped + 1, self.bad_in_a_row + 1, 0
+        what = "window" if cfg.optim.grad_accum_steps > 1 else "micro-batch"
+        self.log.write(
+            f"step {self.step + 1}: non-finite loss, {what} skipped ({self.bad_in_a_row} in a row, "
+            f"{self.skipped} in all)"
+        )
+        if self.bad_in_a_row >= cfg.train.max_bad_steps:
+            raise RuntimeError(
+                f"{self.bad_in_a_row} consecutive non-finite losses at step {self.step + 1} (train.max_bad_steps="
+                f"{cfg.train.max_bad_steps}): stopping; the last good checkpoint is in {self.ckpt_dir}"
+            )
+
+    def log_step(self, out: dict[str, torch.Tensor]) -> None:
+        # the loop's host sync on a logging step: averaging the logged scalars over ranks
+        scalars = {k: v for k, v in out.items() if v.numel() == 1}
+        device = out["loss"].device
+        scalars["data_wait_seconds"] = torch.tensor(self.data_wait, device=device)
+        scalars.update({k: torch.tensor(v, device=device) for k, v in self.work.take().items()})
+        bad = {f"bad_{k}": v for k, v in bad_data_totals(self.loader).items()}
+        logged = {**engine.all_reduce_mean(scalars), "lr": self.eng.lr, "skipped_steps": self.skipped, **bad}
+        self.last = self.log.log(self.step, logged)
+        self.data_wait = 0.0
+        self.first_loss = self.last["loss"] if self.first_loss is None else self.first_loss
+
+    def checkpoint(self) -> None:
+        # every rank's loader position, taken between steps: what the trainer consumed, not what the
+        # loader workers prefetched
+        positions = combine_states(engine.all_gather_object(self.loader.state_dict()))
+        state = {"step": self.step, "data": positions}
+        tag = self.eng.save(self.ckpt_dir, self.step, state, keep_last=self.cfg.train.keep_last)
+        self.log.write(f"step {self.step}: checkpoint {self.ckpt_dir / tag}")
+
+    def finish(self) -> dict[str, Any]:
+        """The summary (summary.json, the terminal), the evaluation at the end, the loss curves."""
+        cfg, info, last = self.cfg, self.info, self.last
+        summary: dict[str, Any] = {
+            "preset": cfg.preset,
+            "steps": self.step,
+            "world_size": info.world_size,
+            "seconds": round(self.elapsed, 1),
+            "first_logged_loss": self.first_loss,
+            "final_loss": last.get("loss"),
+            "samples_per_s": last.get("samples_per_s"),
+            "mfu": last.get("mfu"),
+            "data_wait": last.get("data_wait"),
+            "checkpoint": str(self.ckpt_dir),
+            "skipped_steps": self.skipped,
+            "bad_data": bad_data_totals(self.loader),
+        }
+        error = None
+        if cfg.train.eval_at_end and cfg.data.eval_shards:
+            results, error, cause = evaluate_at_end(
+                self.task, self.eng, cfg, info, progress=self.log.interactive
+            )
+            if results is not None:
+                summary["eval"] = results
+            if cause:
+                summary["eval_error"] = cause
+        if info.is_main:
+            report.loss_curves_png(
+                report.read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir / "loss.png"
+            )
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            print(format_summary(summary, self.run_dir), flush=True)
+            if "eval_error" in summary:
+                print(eval_failure_line(summary["eval_error"], cfg), file=sys.stderr, flush=True)
+        engine.shutdown()
+        if error is not None and not isinstance(error, USER_ERRORS):
+            raise error  # not the data's fault: a bug, with its traceback, once the summary is safe
+        return summary
 
 
 # What a user's data or settings raise during the evaluation (no samples, a layout that matches nothing,
