@@ -1,13 +1,18 @@
 """Exact resume through the trainer: a run killed (SIGKILL, one rank) and resumed from its latest
 checkpoint trains on exactly the samples, and reaches exactly the losses, of an uninterrupted run."""
 
+import contextlib
+import functools
+import http.server
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +21,11 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
 
 
-def command(run_dir: Path, shards: Path, nproc: int, workers: int, *extra: str) -> list[str]:
+def command(run_dir: Path, shards: Path | str, nproc: int, workers: int, *extra: str) -> list[str]:
+    train = shards if isinstance(shards, str) else f"{shards}/train"
     return [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny_masked", "--nproc", str(nproc),
-        "--run-dir", str(run_dir), f"data.train_shards={shards}/train", "data.eval_shards=",
+        "--run-dir", str(run_dir), f"data.train_shards={train}", "data.eval_shards=",
         f"data.num_workers={workers}", "data.shuffle_buffer=50", "optim.micro_batch_size=8",
         "train.log_every=1", "train.ckpt_every=2", "train.record_keys=true", f"train.steps={STEPS}", *extra,
     ]  # fmt: skip
@@ -66,8 +72,40 @@ def rank_pid(run_dir: Path, rank: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("nproc, workers", [(1, 0), pytest.param(2, 2, marks=pytest.mark.distributed)])
-def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers):
+@contextlib.contextmanager
+def http_shards(folder: Path) -> Iterator[str]:
+    """``folder``'s shards served by a plain HTTP server on 127.0.0.1 for the duration: their spec, a brace
+    list of URLs (a remote spec cannot be globbed)."""
+    handler = functools.partial(QuietHandler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    names = sorted(p.name for p in folder.glob("*.tar"))
+    listed = names[0] if len(names) == 1 else "{" + ",".join(names) + "}"
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/{listed}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+# One rank reads its shards over HTTP (the streamed reader's resume: reopen the shard, skip what was
+# taken); two ranks with two loader workers read local files (the indexed reader's).
+@pytest.mark.parametrize(
+    "nproc, workers, where", [(1, 0, "http"), pytest.param(2, 2, "local", marks=pytest.mark.distributed)]
+)
+def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers, where):
+    with contextlib.ExitStack() as stack:
+        shards = stack.enter_context(http_shards(demo_shards / "train")) if where == "http" else demo_shards
+        kill_and_resume(shards, tmp_path, nproc, workers)
+
+
+def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int) -> None:
     reference = tmp_path / "reference"
     run(command(reference, demo_shards, nproc, workers))
 
