@@ -204,7 +204,8 @@ def _check_shards(spec: str, what: str) -> None:
 
 def eval_setup(args: argparse.Namespace):
     """Everything ``eval`` needs that can be wrong, checked before any weight is read or rank started."""
-    from mmssl import checkpoint, data, evaluate, zeroshot
+    from mmssl import checkpoint, data
+    from mmssl.eval import run, zeroshot
 
     cfg, run_dir = checkpoint.find_config(args.checkpoint)
     apply_overrides(cfg, args.overrides)
@@ -230,7 +231,7 @@ def eval_setup(args: argparse.Namespace):
     templates = zeroshot.DEFAULT_TEMPLATES
     if args.templates:
         templates = zeroshot.check_templates(tuple(zeroshot.read_list(args.templates)))
-    plan = evaluate.EvalPlan(
+    plan = run.EvalPlan(
         probe_shards=probe,
         probe_layout=probe_layout,
         classes=zeroshot.read_list(args.classes) if args.classes else None,
@@ -248,7 +249,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not worker:
         return _launch(args)
 
-    from mmssl import checkpoint, engine, evaluate
+    from mmssl import checkpoint, engine
+    from mmssl.eval.run import run_eval
     from mmssl.runlog import on_terminal
 
     rank, world_size = 0, 1
@@ -265,7 +267,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         where = f"{mask(cfg.data.eval_shards)} (layout {cfg.data.eval_layout_name()}, {world_size} rank(s))"
         print(f"evaluating {args.checkpoint} on {where}", flush=True)
     with user_errors(show=rank == 0):  # data that holds no sample, a label rule it cannot meet: one line
-        evaluate.run_eval(
+        run_eval(
             model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size,
             progress=on_terminal(),
         )  # fmt: skip
@@ -280,7 +282,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from mmssl import checkpoint
-    from mmssl.embed import embed_shards, format_summary
+    from mmssl.embed import embed_shards, format_embed_summary
 
     with user_errors():
         _check_shards(args.data, "--data")
@@ -292,16 +294,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         manifest = embed_shards(
             ckpt.model.to(device), ckpt.cfg, args.data, args.out, device=device, source=ckpt.source
         )
-    print(format_summary(manifest, args.out))
+    print(format_embed_summary(manifest, args.out))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmssl.export import export, format_summary
+    from mmssl.export import export, format_export_summary
 
     with user_errors():
         summary = export(args.checkpoint, args.out)
-    print(format_summary(summary))
+    print(format_export_summary(summary))
     return 0
 
 
