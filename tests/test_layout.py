@@ -86,7 +86,9 @@ def test_find_cycle_finds_one():
 
 def test_layers():
     g = graph()
-    deepspeed = sorted(m for m, t in g.items() if any(x == "deepspeed" or x.startswith("deepspeed.") for x in t))
+    deepspeed = sorted(
+        m for m, t in g.items() if any(x == "deepspeed" or x.startswith("deepspeed.") for x in t)
+    )
     assert deepspeed == ["mmssl.engine"]
     for m, targets in g.items():
         if m.startswith("data_pipelines"):
