@@ -159,6 +159,8 @@ def gather(part: Embeddings, world_size: int) -> Embeddings:
         return part.sorted_by_key()
     parts: list[Any] = [None] * world_size
     dist.all_gather_object(parts, part)  # pickled through gloo/NCCL: fine at evaluation sizes
+    # a rank left without a shard adds nothing, and its missing tokens must not hide the others'
+    parts = [p for p in parts if p.keys] or parts[:1]
     text = [p.text for p in parts]
     whole = Embeddings(
         emb={m: torch.cat([p.emb[m] for p in parts]) for m in part.emb},
