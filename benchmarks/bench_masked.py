@@ -29,8 +29,10 @@ import torch
 from tqdm import tqdm
 
 from data_pipelines.demo import build_spoken_digits
-from mmssl import data, engine, evaluate, probe
+from mmssl import data, engine
 from mmssl.config import RunConfig, apply_overrides
+from mmssl.eval.embeddings import embed_all
+from mmssl.eval.probe import score_probe
 from mmssl.presets import get_preset
 from mmssl.task import Task
 
@@ -92,11 +94,9 @@ def train_and_probe(cfg: RunConfig, steps: int, desc: str) -> dict:
         loss.backward()
         optimizer.step()
     device = torch.device("cpu")
-    train = evaluate.embed_all(
-        task.model, data.loader(cfg, train=False, shards=cfg.data.train_shards), device=device
-    )
-    test = evaluate.embed_all(task.model, data.loader(cfg, train=False), device=device)
-    return probe.evaluate(train, test, progress=False)
+    train = embed_all(task.model, data.loader(cfg, train=False, shards=cfg.data.train_shards), device=device)
+    test = embed_all(task.model, data.loader(cfg, train=False), device=device)
+    return score_probe(train, test, progress=False)
 
 
 def main() -> None:

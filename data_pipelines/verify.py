@@ -8,6 +8,7 @@ disagrees.
 
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from tqdm import tqdm
@@ -46,8 +47,40 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
     """
     layout = resolve_layout(layout)
     urls = expand_shards(spec)
-    report: dict[str, Any] = {
-        "shards": len(urls),
+    report = _empty_report(len(urls), layout)
+    counts = _Counts()
+    sizes_cache: dict[str, dict[str, int]] = {}
+    bar = tqdm(urls, desc="verifying", unit="shard", disable=not progress)
+    for url in bar:
+        shown = mask(url)
+        read, bad = _verify_shard(url, layout, report, counts)
+        listed = _listed_size(url, sizes_cache)
+        if listed is not None and int(listed) != read:
+            report["sizes_mismatch"].append({"shard": shown, "sizes_json": int(listed), "read": read})
+        report["per_shard"][shown] = {"samples": read, "bad": bad}
+        report["samples"] += read
+        report["good"] += read - bad
+        bar.set_postfix(samples=report["samples"], bad=sum(counts.bad.values()))
+    report["combinations"] = dict(counts.combos.most_common())
+    report["extensions"] = dict(counts.extensions.most_common())
+    report["bad_counts"] = {k: counts.bad[k] for k in BAD_KINDS if counts.bad[k]}
+    report["label_names"] = dict(sorted(counts.names.items()))
+    return report
+
+
+@dataclass
+class _Counts:
+    """What is counted over all shards before it goes into the report, most common first."""
+
+    combos: Counter[str] = field(default_factory=Counter)  # good samples by their modalities
+    extensions: Counter[str] = field(default_factory=Counter)  # samples by the extensions they hold
+    bad: Counter[str] = field(default_factory=Counter)  # bad samples by kind
+    names: Counter[str] = field(default_factory=Counter)  # good samples by class-name label
+
+
+def _empty_report(shards: int, layout: Layout) -> dict[str, Any]:
+    return {
+        "shards": shards,
         "layout": layout.name,
         "samples": 0,
         "good": 0,
@@ -63,62 +96,50 @@ def verify_shards(spec: str, *, layout: str | Layout = "mmssl", progress: bool =
         "sizes_mismatch": [],
         "per_shard": {},
     }
-    combos: Counter[str] = Counter()
-    extensions: Counter[str] = Counter()
-    bad_counts: Counter[str] = Counter()
-    names: Counter[str] = Counter()
-    sizes_cache: dict[str, dict[str, int]] = {}
-    bar = tqdm(urls, desc="verifying", unit="shard", disable=not progress)
-    for url in bar:
-        shown = mask(url)
-        read = bad = 0
-        try:
-            for ref in scan_shard(url):
-                read += 1
-                extensions.update({ext for ext, _, _ in ref.files})
-                try:
-                    if ref.problem:
-                        raise BadSample("duplicate_file", url, ref.key, ref.problem)
-                    raw = ref.load()
-                    present = inspect_sample(raw, layout)
-                except BadSample as exn:
-                    bad += 1
-                    bad_counts[exn.kind] += 1
-                    report["bad"].append(
-                        {"shard": shown, "key": ref.key, "kind": exn.kind, "reason": exn.reason}
-                    )
-                    continue
-                combos["+".join(present)] += 1
-                for modality in present:
-                    report["modalities"][modality] += 1
-                _count_label(raw, layout, report, names)
-        except ShardError as exn:
-            report["unreadable"].append(
-                {"shard": shown, "kind": exn.kind, "key": exn.key, "reason": exn.reason}
-            )
-        except OSError as exn:  # the file went away or cannot be read mid-way
-            reason = f"{type(exn).__name__}: {exn}"
-            report["unreadable"].append(
-                {"shard": shown, "kind": "unreadable_shard", "key": None, "reason": mask(reason)}
-            )
-        directory = os.path.dirname(url) or "."
-        if directory not in sizes_cache:
+
+
+def _verify_shard(url: str, layout: Layout, report: dict[str, Any], counts: _Counts) -> tuple[int, int]:
+    """Read one shard's samples into ``report`` and ``counts``: (samples read, bad ones). A shard that
+    cannot be read to its end is listed as unreadable; the samples read before count."""
+    shown = mask(url)
+    read = bad = 0
+    try:
+        for ref in scan_shard(url):
+            read += 1
+            counts.extensions.update({ext for ext, _, _ in ref.files})
             try:
-                sizes_cache[directory] = read_sizes(directory)
-            except ValueError:
-                sizes_cache[directory] = {}
-        listed = sizes_cache[directory].get(os.path.basename(url))
-        if listed is not None and int(listed) != read:
-            report["sizes_mismatch"].append({"shard": shown, "sizes_json": int(listed), "read": read})
-        report["per_shard"][shown] = {"samples": read, "bad": bad}
-        report["samples"] += read
-        report["good"] += read - bad
-        bar.set_postfix(samples=report["samples"], bad=sum(bad_counts.values()))
-    report["combinations"] = dict(combos.most_common())
-    report["extensions"] = dict(extensions.most_common())
-    report["bad_counts"] = {k: bad_counts[k] for k in BAD_KINDS if bad_counts[k]}
-    report["label_names"] = dict(sorted(names.items()))
-    return report
+                if ref.problem:
+                    raise BadSample("duplicate_file", url, ref.key, ref.problem)
+                raw = ref.load()
+                present = inspect_sample(raw, layout)
+            except BadSample as exn:
+                bad += 1
+                counts.bad[exn.kind] += 1
+                report["bad"].append({"shard": shown, "key": ref.key, "kind": exn.kind, "reason": exn.reason})
+                continue
+            counts.combos["+".join(present)] += 1
+            for modality in present:
+                report["modalities"][modality] += 1
+            _count_label(raw, layout, report, counts.names)
+    except ShardError as exn:
+        report["unreadable"].append({"shard": shown, "kind": exn.kind, "key": exn.key, "reason": exn.reason})
+    except OSError as exn:  # the file went away or cannot be read mid-way
+        reason = f"{type(exn).__name__}: {exn}"
+        report["unreadable"].append(
+            {"shard": shown, "kind": "unreadable_shard", "key": None, "reason": mask(reason)}
+        )
+    return read, bad
+
+
+def _listed_size(url: str, cache: dict[str, dict[str, int]]) -> int | None:
+    """The sample count a sizes.json beside ``url`` gives it (each directory's file read once), or None."""
+    directory = os.path.dirname(url) or "."
+    if directory not in cache:
+        try:
+            cache[directory] = read_sizes(directory)
+        except ValueError:
+            cache[directory] = {}
+    return cache[directory].get(os.path.basename(url))
 
 
 def _count_label(raw: dict[str, Any], layout: Layout, report: dict[str, Any], names: Counter[str]) -> None:

@@ -87,11 +87,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return EVAL_FAILED if "eval_error" in train(cfg, resume=resume) else 0
     run_dir.mkdir(parents=True, exist_ok=True)
     save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
-    env = dict(os.environ)
-    if credentials := url_credentials(cfg):
-        env[CREDENTIALS_ENV] = json.dumps(credentials)
-    if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    env = {CREDENTIALS_ENV: json.dumps(credentials)} if (credentials := url_credentials(cfg)) else {}
     if args.hostfile:  # several nodes, started from this one over ssh
         where = ["--hostfile", args.hostfile] + (
             ["--master_addr", args.master_addr] if args.master_addr else []
@@ -103,21 +99,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         where = ["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(args.node_rank),
                  "--master_addr", args.master_addr]  # fmt: skip
     else:
-        where = ["--num_gpus", str(args.nproc)]
-    port = args.master_port or engine.free_port()
-    command = [
-        sys.executable, "-m", "deepspeed.launcher.runner", *where,
-        "--master_port", str(port),
-        "--no_local_rank", "--log_level", "warning",
-        "--module", "mmssl.cli", "train", "--config", str(run_dir / "config.json"),
-    ]  # fmt: skip
-    if resume:
-        command += ["--resume", resume]
+        where = None
+    command = ["train", "--config", str(run_dir / "config.json")] + (["--resume", resume] if resume else [])
     started = time.time()
-    try:
-        code = subprocess.run(command, env=env).returncode
-    finally:
-        engine.remove_shm_buffers(port)
+    code = launch_ranks(command, nproc=args.nproc, where=where, port=args.master_port, env=env)
     return code or eval_exit_code(run_dir / "summary.json", since=started)
 
 
@@ -173,25 +158,45 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Run this same command on ``--nproc`` local ranks (torch's launcher; each rank joins a process group)."""
-    import torch.distributed.run  # noqa: F401 - fail here, not in the child, if it is missing
+def launch_ranks(
+    command: list[str],
+    *,
+    nproc: int,
+    where: list[str] | None = None,
+    port: int | None = None,
+    env: dict[str, str] | None = None,
+) -> int:
+    """Run ``mmssl <command>`` on ranks: the one place where any command starts them. DeepSpeed's runner
+    starts them, as it also reaches other nodes (``where``: its hostfile, node rank and master address;
+    default ``nproc`` ranks on this machine). Each rank learns its rank, the world size and its master
+    from the environment (``launched_by_launcher``); ``env`` adds to it. Returns the exit code of the
+    first rank that failed, else 0."""
+    from mmssl import engine
 
-    env = dict(os.environ)
-    if not _has_cuda():
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    # the workers know their ranks from the launcher; "--nproc" must go, as the launcher would take it
-    # for an abbreviation of its own --nproc-per-node
-    argv, skip = [], False
-    for arg in args.argv:
-        if not skip and arg != "--nproc" and not arg.startswith("--nproc="):
-            argv.append(arg)
-        skip = arg == "--nproc"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-        "-m", "mmssl.cli", *argv,
+    env = {**os.environ, **(env or {})}
+    if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    port = port or engine.free_port()
+    argv = [
+        sys.executable, "-m", "deepspeed.launcher.runner", *(where or ["--num_gpus", str(nproc)]),
+        "--master_port", str(port),
+        "--no_local_rank", "--log_level", "warning",
+        "--module", "mmssl.cli", *command,
     ]  # fmt: skip
-    return subprocess.run(command, env=env).returncode
+    try:
+        return subprocess.run(argv, env=env).returncode
+    finally:
+        engine.remove_shm_buffers(port)
+
+
+def without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less its ``--nproc N``: a launched rank is one of them already."""
+    out, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--nproc" and not arg.startswith("--nproc="):
+            out.append(arg)
+        skip = arg == "--nproc"
+    return out
 
 
 def _check_shards(spec: str, what: str) -> None:
@@ -206,7 +211,8 @@ def _check_shards(spec: str, what: str) -> None:
 
 def eval_setup(args: argparse.Namespace):
     """Everything ``eval`` needs that can be wrong, checked before any weight is read or rank started."""
-    from mmssl import checkpoint, data, evaluate, zeroshot
+    from mmssl import checkpoint, data
+    from mmssl.eval import run, zeroshot
 
     cfg, run_dir = checkpoint.find_config(args.checkpoint)
     apply_overrides(cfg, args.overrides)
@@ -232,7 +238,7 @@ def eval_setup(args: argparse.Namespace):
     templates = zeroshot.DEFAULT_TEMPLATES
     if args.templates:
         templates = zeroshot.check_templates(tuple(zeroshot.read_list(args.templates)))
-    plan = evaluate.EvalPlan(
+    plan = run.EvalPlan(
         probe_shards=probe,
         probe_layout=probe_layout,
         classes=zeroshot.read_list(args.classes) if args.classes else None,
@@ -248,9 +254,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with user_errors():
         cfg, plan, out = eval_setup(args)
     if args.nproc > 1 and not worker:
-        return _launch(args)
+        return launch_ranks(without_nproc(args.argv), nproc=args.nproc)
 
-    from mmssl import checkpoint, engine, evaluate
+    from mmssl import checkpoint, engine
+    from mmssl.eval.run import run_eval
     from mmssl.runlog import on_terminal
 
     rank, world_size = 0, 1
@@ -267,7 +274,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         where = f"{mask(cfg.data.eval_shards)} (layout {cfg.data.eval_layout_name()}, {world_size} rank(s))"
         print(f"evaluating {args.checkpoint} on {where}", flush=True)
     with user_errors(show=rank == 0):  # data that holds no sample, a label rule it cannot meet: one line
-        evaluate.run_eval(
+        run_eval(
             model.to(device), cfg, out, device=device, plan=plan, rank=rank, world_size=world_size,
             progress=on_terminal(),
         )  # fmt: skip
@@ -282,7 +289,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     import torch
 
     from mmssl import checkpoint
-    from mmssl.embed import embed_shards, format_summary
+    from mmssl.embed import embed_shards, format_embed_summary
 
     with user_errors():
         _check_shards(args.data, "--data")
@@ -294,16 +301,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
         manifest = embed_shards(
             ckpt.model.to(device), ckpt.cfg, args.data, args.out, device=device, source=ckpt.source
         )
-    print(format_summary(manifest, args.out))
+    print(format_embed_summary(manifest, args.out))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from mmssl.export import export, format_summary
+    from mmssl.export import export, format_export_summary
 
     with user_errors():
         summary = export(args.checkpoint, args.out)
-    print(format_summary(summary))
+    print(format_export_summary(summary))
     return 0
 
 

@@ -5,7 +5,7 @@ Layout written under the output folder, per modality the model has and the shard
     <modality>.npy          float32 [N, E], L2-normalised (cosine similarity = dot product)
     <modality>_keys.txt     the sample key of each row, one per line
     <modality>_labels.npy   int64 [N] class ids (-1 unknown), when any is known; class-name labels
-                            are mapped as in evaluation (mmssl.labels), and the manifest lists the names
+                            are mapped as in evaluation (mmssl.eval.labels), and the manifest lists the names
     manifest.json           rows, dims, files, the source checkpoint and shards, "classes" when known
 
 Rows follow the sample keys' sorted order; a sample lacking a modality has no row in that file.
@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmssl import labels, zeroshot
 from mmssl.config import RunConfig
-from mmssl.evaluate import Embeddings, embed_split
+from mmssl.eval import labels, zeroshot
+from mmssl.eval.embeddings import Embeddings, embed_split
 from mmssl.model import MultimodalModel
 
 
@@ -63,7 +63,7 @@ def embed_shards(
     return write_embeddings(data, out_dir, meta={**meta, **({"classes": classes} if classes else {})})
 
 
-def format_summary(manifest: dict[str, Any], out_dir: str | Path) -> str:
+def format_embed_summary(manifest: dict[str, Any], out_dir: str | Path) -> str:
     lines = [f"embedded {manifest['samples']} samples of {manifest['shards']} -> {out_dir}"]
     for m, e in manifest["modalities"].items():
         lines.append(f"  {m:<6} {e['rows']:>8} x {e['dim']:<5} {e['file']} + {e['keys']}")

@@ -169,7 +169,7 @@ def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-def format_summary(summary: dict[str, Any]) -> str:
+def format_export_summary(summary: dict[str, Any]) -> str:
     out = summary["out_dir"]
     lines = [
         f"exported {summary['source']} -> {out}",

@@ -17,8 +17,10 @@ from tqdm import tqdm
 
 from data_pipelines import BAD_KINDS, combine_states
 from data_pipelines.remote import mask
-from mmssl import accumulate, data, engine, evaluate, flops, report
+from mmssl import accumulate, data, engine, flops
 from mmssl.config import RunConfig, save_json
+from mmssl.eval import report
+from mmssl.eval.run import run_eval
 from mmssl.lock import describe
 from mmssl.model import MultimodalModel
 from mmssl.pretrained import initialize
@@ -309,7 +311,7 @@ def evaluate_at_end(
     results, error = None, None
     if info.is_main:
         try:
-            results = evaluate.run_eval(
+            results = run_eval(
                 model, cfg, Path(cfg.run_dir), device=info.device, dtype=eng.dtype, progress=progress
             )
         except Exception as e:  # reported by the caller: re-raised there unless it is a user error

@@ -1,5 +1,5 @@
 """The whole slice, as a user runs it: `mmssl train --nproc 2` (DeepSpeed launcher, 2 gloo ranks, ZeRO-2)
-on demo shards, a checkpoint, a resume from it, and `mmssl eval` on the held-out split."""
+on demo shards, a checkpoint, a resume from it, and `mmssl eval --nproc 2` on the held-out split."""
 
 import json
 import subprocess
@@ -55,13 +55,15 @@ def test_two_rank_train_checkpoint_resume_eval(demo_shards, tmp_path):
     assert [r["step"] for r in rows][-2:] == [45, 50]  # continued from step 40, not from 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000050"
 
-    evaluated = mmssl("eval", str(run_dir), "--out", str(tmp_path / "eval"), cwd=REPO)
+    # on 2 ranks too, started as train's are (mmssl.cli.launch_ranks)
+    evaluated = mmssl("eval", str(run_dir), "--nproc", "2", "--out", str(tmp_path / "eval"), cwd=REPO)
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["rule"] == "label" and len(results["pairs"]) == 6
     for name, metrics in results["pairs"].items():
         assert 0.0 <= metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= 1.0, name
         assert f"{name:<18}{metrics['R@1']:>8.3f}" in evaluated.stdout
     # the consolidated checkpoint evaluates exactly as the in-process model did at the end of training
+    assert "2 rank(s)" in evaluated.stdout
     assert results["pairs"] == json.loads((run_dir / "eval.json").read_text())["pairs"]
 
 

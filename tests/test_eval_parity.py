@@ -24,10 +24,11 @@ from clip_benchmark.metrics import zeroshot_retrieval as cb_ret
 from open_clip.tokenizer import SimpleTokenizer
 from sklearn.metrics import balanced_accuracy_score
 
-from mmssl import zeroshot
 from mmssl.config import EvalConfig, TextTowerConfig
 from mmssl.encoders import TextTower
-from mmssl.evaluate import Embeddings, evaluate_embeddings
+from mmssl.eval import zeroshot
+from mmssl.eval.embeddings import Embeddings
+from mmssl.eval.retrieval import score_retrieval
 
 # CLIP_benchmark's accuracy() ends in float() of a one-element array, which numpy >= 2.4 refuses
 ACCURACY_RUNS = np.lib.NumpyVersion(np.__version__) < "2.4.0"
@@ -52,7 +53,7 @@ def test_retrieval_recall_equals_clip_benchmark(rule):
     n = 300
     emb = noisy_views(n, 16, seed=0)
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(1))
-    results = evaluate_embeddings(Embeddings(emb=emb, labels=labels), EvalConfig(match=rule, ks=(1, 5, 10)))
+    results = score_retrieval(Embeddings(emb=emb, labels=labels), EvalConfig(match=rule, ks=(1, 5, 10)))
     ids = labels if rule == "label" else torch.arange(n)
     positive = ids[:, None] == ids[None, :]  # [N, N]
     assert len(results["pairs"]) == 6
@@ -110,7 +111,7 @@ def test_zeroshot_prototypes_and_scores_equal_clip_benchmark():
         )
 
     data = Embeddings(emb={"image": image}, labels=labels)
-    result = zeroshot.evaluate(data, ours, CLASSES, templates)["modalities"]["image"]
+    result = zeroshot.score_zeroshot(data, ours, CLASSES, templates)["modalities"]["image"]
     assert result["top1"] == their_top1 and result["top5"] == their_top5
     assert result["mean_per_class_recall"] == their_recall
     assert 0.3 < result["top1"] < 0.95 and int((pred == 9).sum()) > 0  # informative, and class 9 is predicted

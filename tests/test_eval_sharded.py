@@ -14,7 +14,8 @@ import torch.multiprocessing as mp
 
 from data_pipelines import synthetic_samples, write_shards
 from mmssl.engine import free_port
-from mmssl.evaluate import EvalPlan, embed_split, run_eval
+from mmssl.eval.embeddings import embed_split
+from mmssl.eval.run import EvalPlan, run_eval
 from mmssl.model import MultimodalModel
 from mmssl.presets import tiny
 

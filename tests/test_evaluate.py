@@ -5,14 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from mmssl.config import EvalConfig
-from mmssl.evaluate import (
-    Embeddings,
-    choose_rule,
-    evaluate_embeddings,
-    format_table,
-    ranks_of_first_hit,
-    sample_for_matrix,
-)
+from mmssl.eval.embeddings import Embeddings
+from mmssl.eval.retrieval import choose_rule, format_retrieval, ranks_of_first_hit, score_retrieval
+from mmssl.eval.run import sample_for_matrix
 
 
 def brute_force_ranks(query, target, correct):
@@ -38,12 +33,12 @@ def test_perfect_and_shuffled_retrieval():
     a = F.normalize(torch.randn(50, 16, generator=g), dim=-1)
     perm = torch.randperm(50, generator=g)
     data = Embeddings(emb={"image": a, "text": a.clone(), "audio": a[perm]}, labels=torch.arange(50))
-    results = evaluate_embeddings(data, EvalConfig(match="pair"))
+    results = score_retrieval(data, EvalConfig(match="pair"))
     assert results["pairs"]["image->text"]["R@1"] == 1.0
     assert results["pairs"]["text->image"]["median_rank"] == 1.0
     assert results["pairs"]["image->audio"]["R@1"] < 0.2
     assert len(results["pairs"]) == 6
-    assert "rule 'pair'" in format_table(results)
+    assert "rule 'pair'" in format_retrieval(results)
 
 
 def test_auto_rule_uses_labels_when_captions_repeat():
@@ -58,7 +53,7 @@ def test_auto_rule_uses_labels_when_captions_repeat():
         choose_rule("label", Embeddings(emb=emb, labels=torch.tensor([0, -1, 0, 1])))
     # under the label rule a query whose top hit is another sample of its label scores
     swapped = {"image": torch.eye(4), "text": torch.eye(4)[[2, 3, 0, 1]]}
-    res = evaluate_embeddings(Embeddings(emb=swapped, labels=labels, text=repeated), EvalConfig())
+    res = score_retrieval(Embeddings(emb=swapped, labels=labels, text=repeated), EvalConfig())
     assert res["rule"] == "label" and res["pairs"]["image->text"]["R@1"] == 1.0
     assert res["chance_R@1"] == 0.5
 
@@ -76,10 +71,10 @@ def test_missing_modalities_only_rank_samples_that_carry_them():
     same = e[[0, 1, 2, 3, 0, 1, 2, 3]]  # audio i+4 embeds like image i
     emb = {"image": same * present["image"][:, None], "text": e, "audio": same * present["audio"][:, None]}
     data = Embeddings(emb=emb, labels=labels, present=present)
-    by_pair = evaluate_embeddings(data, EvalConfig(match="pair"))["pairs"]
+    by_pair = score_retrieval(data, EvalConfig(match="pair"))["pairs"]
     assert "image->audio" not in by_pair  # no sample has both: nothing to rank under the own-pair rule
     assert by_pair["image->text"] == {**by_pair["image->text"], "R@1": 1.0, "queries": 4, "targets": 8}
-    by_label = evaluate_embeddings(data, EvalConfig(match="label"))["pairs"]
+    by_label = score_retrieval(data, EvalConfig(match="label"))["pairs"]
     # the emergent pair under the label rule: image i and audio i+4 share a label and an embedding
     assert by_label["image->audio"] == {**by_label["image->audio"], "R@1": 1.0, "queries": 4, "targets": 4}
     assert sample_for_matrix(data, "image", "audio").numel() == 0

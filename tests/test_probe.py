@@ -4,8 +4,8 @@ scores 1.0; with the train labels shuffled (no relation left to learn) it scores
 import torch
 import torch.nn.functional as F
 
-from mmssl import probe
-from mmssl.evaluate import Embeddings
+from mmssl.eval import probe
+from mmssl.eval.embeddings import Embeddings
 
 CLASSES, PER_CLASS, DIM = 10, 30, 16
 
@@ -24,7 +24,7 @@ def clustered(seed: int, spread: float) -> Embeddings:
 
 
 def test_separable_classes_are_probed_perfectly():
-    results = probe.evaluate(clustered(1, 0.05), clustered(2, 0.05), progress=False)
+    results = probe.score_probe(clustered(1, 0.05), clustered(2, 0.05), progress=False)
     assert set(results) == {"image", "audio"}
     for modality, r in results.items():
         assert r["top1"] == 1.0 and r["mean_per_class_recall"] == 1.0, modality
@@ -34,7 +34,7 @@ def test_separable_classes_are_probed_perfectly():
 def test_shuffled_train_labels_leave_the_probe_at_chance():
     train = clustered(1, 0.05)
     train.labels = train.labels[torch.randperm(len(train.labels), generator=torch.Generator().manual_seed(3))]
-    results = probe.evaluate(train, clustered(2, 0.05), progress=False)
+    results = probe.score_probe(train, clustered(2, 0.05), progress=False)
     for modality, r in results.items():
         # chance is 1/10; over 300 test samples its standard deviation is 0.017
         assert r["top1"] < 0.2 and r["mean_per_class_recall"] < 0.2, (modality, r)

@@ -27,11 +27,13 @@ from data_pipelines import (
     verify_shards,
     write_shards,
 )
-from mmssl import data, labels
+from mmssl import data
 from mmssl.checkpoint import contiguous_copy
 from mmssl.cli import main
 from mmssl.config import SourceConfig, apply_overrides, save_json
-from mmssl.evaluate import Embeddings, EvalPlan, embed_split, run_eval
+from mmssl.eval import labels
+from mmssl.eval.embeddings import Embeddings, embed_split
+from mmssl.eval.run import EvalPlan, run_eval
 from mmssl.model import MultimodalModel
 from mmssl.presets import tiny
 from mmssl.tokenizer import ClipTokenizer
@@ -237,7 +239,7 @@ def test_zero_shot_on_name_labels_takes_the_sorted_names_as_its_classes(named_sp
     # the accuracy is scored against those ids: recompute it from the embeddings and the names
     test = embed_split(model, cfg, named_splits["test"], device=CPU, progress=False)
     assert test.label_names == [named_splits["names"][k] for k in test.keys]
-    from mmssl import zeroshot
+    from mmssl.eval import zeroshot
 
     protos = zeroshot.Prompts(classes, zeroshot.DEFAULT_TEMPLATES).embed(
         model, data.tokenizer(cfg), device=CPU

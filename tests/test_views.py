@@ -284,7 +284,7 @@ def test_config_names_the_setting_at_fault(overrides, message):
 
 def test_zeroshot_prototypes_take_no_dropout_from_a_training_model():
     from mmssl import data
-    from mmssl.zeroshot import DEFAULT_TEMPLATES, Prompts
+    from mmssl.eval.zeroshot import DEFAULT_TEMPLATES, Prompts
 
     cfg = view_config("tiny")
     model = Task(cfg).train().model

@@ -20,10 +20,10 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from mmssl.zeroshot import mean_per_class_recall
+from mmssl.eval.zeroshot import mean_per_class_recall
 
 if TYPE_CHECKING:
-    from mmssl.evaluate import Embeddings
+    from mmssl.eval.embeddings import Embeddings
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 VAL_FRACTION = 0.2
@@ -75,7 +75,7 @@ def probe_modality(train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray,
     }
 
 
-def evaluate(train: Embeddings, test: Embeddings, *, progress: bool = True) -> dict:
+def score_probe(train: Embeddings, test: Embeddings, *, progress: bool = True) -> dict:
     """Per modality with labelled samples in both splits: the probe's scores on ``test``."""
     out = {}
     modalities = [m for m in sorted(test.emb) if m in train.emb]
@@ -89,7 +89,7 @@ def evaluate(train: Embeddings, test: Embeddings, *, progress: bool = True) -> d
     return out
 
 
-def format_table(results: dict) -> str:
+def format_probe(results: dict) -> str:
     head = f"{'modality':<18}{'top-1':>8}{'mean/class':>12}{'C':>10}"
     lines = ["linear probe (logistic regression on frozen embeddings, train split -> test split)", head]
     lines.append("-" * len(head))

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from mmssl.evaluate import Embeddings
+    from mmssl.eval.embeddings import Embeddings
 
 
 def _sample(data: Embeddings, i: int) -> str:

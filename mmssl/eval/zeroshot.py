@@ -6,8 +6,8 @@ CLIP_benchmark's: top-1 and top-5 accuracy (top-5 only with 5 classes or more) a
 recall (balanced accuracy); tests check them against its code on the same embeddings.
 
 Class names come from a file given by the user, ``classes.json`` next to the shards (the demo writes
-one), or, when the samples' labels are class names, those names (``mmssl.labels``); templates from :data:`DEFAULT_TEMPLATES` or a file. A template holds ``{}`` (or ``{c}``,
-CLIP_benchmark's spelling) where the class name goes.
+one), or, when the samples' labels are class names, those names (``mmssl.eval.labels``); templates from :data:`DEFAULT_TEMPLATES` or a file. A template holds
+``{}`` (or ``{c}``, CLIP_benchmark's spelling) where the class name goes.
 
 Axis legend: N samples, C classes, T templates, E embedding dim, L tokens.
 """
@@ -29,7 +29,7 @@ from data_pipelines import expand_shards
 from mmssl.model import MultimodalModel
 
 if TYPE_CHECKING:
-    from mmssl.evaluate import Embeddings
+    from mmssl.eval.embeddings import Embeddings
 
 DEFAULT_TEMPLATES = (
     "{}",
@@ -136,7 +136,7 @@ def mean_per_class_recall(pred: Tensor, labels: Tensor) -> float:
     return float(np.mean(np.array(per_class, dtype=np.float64)))
 
 
-def evaluate(data: Embeddings, protos: Tensor, classes: list[str], templates: tuple[str, ...]) -> dict:
+def score_zeroshot(data: Embeddings, protos: Tensor, classes: list[str], templates: tuple[str, ...]) -> dict:
     """Zero-shot scores for every non-text modality of ``data`` against ``[C, E]`` prototypes."""
     known = data.labels >= 0
     if bool((data.labels[known] >= len(classes)).any()):
@@ -153,7 +153,7 @@ def evaluate(data: Embeddings, protos: Tensor, classes: list[str], templates: tu
     return {"classes": list(classes), "templates": list(templates), "modalities": per_modality}
 
 
-def format_table(results: dict) -> str:
+def format_zeroshot(results: dict) -> str:
     if "skipped" in results:
         return f"zero-shot classification: skipped ({results['skipped']})"
     head = f"{'modality':<18}{'top-1':>8}{'top-5':>8}{'mean/class':>12}"
