@@ -28,7 +28,8 @@ from typing import Any, Protocol
 
 HTTP_TIMEOUT = 60.0  # seconds without a byte before a read counts as a dropped connection
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@")
+# scheme://user:password@host: the scheme, the user info, the host (up to the path)
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@([^/\s'\"]*)")
 
 
 class Permanent(OSError):
@@ -48,7 +49,13 @@ def is_remote(spec: str) -> bool:
 
 def mask(text: str) -> str:
     """`text` with every URL's user:password part replaced by ***."""
-    return _USERINFO.sub(r"\1***@", text)
+    return _USERINFO.sub(r"\1***@\2", text)
+
+
+def credentials(text: str) -> dict[str, str]:
+    """{masked URL start: the real one} for every URL in `text` with a user:password part: what `mask`
+    hides, so that whoever reads a masked text can put the credentials back."""
+    return {f"{m[1]}***@{m[2]}": m[0] for m in _USERINFO.finditer(text)}
 
 
 def check_scheme(url: str) -> None:

@@ -12,17 +12,14 @@ import dataclasses
 import json
 import math
 import os
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from data_pipelines.remote import mask
+from data_pipelines.remote import credentials, mask
 from data_pipelines.specs import AudioAugment, ImageAugment
-
-_USERINFO_HOST = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s'\"]+@([^/\s'\"]*)")
 
 MODALITIES = ("image", "text", "audio")
 # open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
@@ -712,8 +709,7 @@ def save_json(cfg: RunConfig, path: str | Path) -> None:
 def url_credentials(cfg: RunConfig) -> dict[str, str]:
     """{masked URL start: the real one} for each URL in the config with a user:password part, so that
     ranks reading a saved (masked) config.json get them back from their launcher's environment."""
-    text = json.dumps(to_dict(cfg))
-    return {f"{m[1]}***@{m[2]}": m[0] for m in _USERINFO_HOST.finditer(text)}
+    return credentials(json.dumps(to_dict(cfg)))
 
 
 def load_json(path: str | Path, credentials: dict[str, str] | None = None) -> RunConfig:
