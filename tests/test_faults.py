@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
+from batches import padded_batch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,15 +25,7 @@ def _skip_worker(_: int, out: dict) -> None:
     cfg = get_preset("tiny")
     info = engine.init_distributed()
     eng = engine.Engine(Task(cfg), cfg, info)
-    m = cfg.model
-    text = torch.randint(1, 4000, (4, m.text.context_length))
-    text[:, 0], text[:, 5], text[:, 6:] = SOT_TOKEN_ID, EOT_TOKEN_ID, 0
-    batch = {
-        "image": torch.randn(4, 3, m.image.image_size, m.image.image_size),
-        "text": text,
-        "audio": torch.randn(4, m.audio.n_mels, m.audio.n_frames),
-        "present": {k: torch.ones(4, dtype=torch.bool) for k in ("image", "text", "audio")},
-    }
+    batch = padded_batch(cfg, 4, eot=5, vocab=4000)
 
     def snapshot() -> list[torch.Tensor]:
         state = [

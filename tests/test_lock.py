@@ -5,8 +5,9 @@ state for the unlocked ones only."""
 import pytest
 import torch
 import torch.multiprocessing as mp
+from batches import padded_batch
 
-from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID, apply_overrides
+from mmssl.config import apply_overrides
 from mmssl.lock import describe, layer_groups
 from mmssl.presets import tiny
 from mmssl.task import Task
@@ -61,15 +62,7 @@ def _train(stage: int, info) -> dict:
     task = Task(cfg)
     locked = {n for n, p in task.named_parameters() if not p.requires_grad}
     eng = engine.Engine(task, cfg, info)
-    m = cfg.model
-    text = torch.randint(1, 4000, (4, m.text.context_length))
-    text[:, 0], text[:, 5], text[:, 6:] = SOT_TOKEN_ID, EOT_TOKEN_ID, 0
-    batch = {
-        "image": torch.randn(4, 3, m.image.image_size, m.image.image_size),
-        "text": text,
-        "audio": torch.randn(4, m.audio.n_mels, m.audio.n_frames),
-        "present": {k: torch.ones(4, dtype=torch.bool) for k in ("image", "text", "audio")},
-    }
+    batch = padded_batch(cfg, 4, eot=5, vocab=4000)
     before = {k: v.clone() for k, v in eng.gathered_state_dict().items()}
     for step in range(2):
         assert train_step(eng, batch, step=step, micro=0) is not None

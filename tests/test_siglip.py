@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from batches import padded_batch
 
 from mmssl.config import ContrastiveConfig, RunConfig, SigLipConfig, apply_overrides
 from mmssl.objectives import ContrastiveObjective
@@ -205,22 +206,13 @@ def test_export_carries_the_biases_to_mmssl_and_open_clip(tmp_path):
 def test_mixed_pairs_train_together():
     """InfoNCE for two pairs, SigLIP for text-audio, in the training task: a fixed batch is fitted by
     every pair, each pair's own scale (and the SigLIP pair's bias) is learned and logged."""
-    from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
     from mmssl.presets import tiny
     from mmssl.task import Task
 
     torch.manual_seed(0)
     cfg = apply_overrides(tiny(), ["objectives.contrastive.kinds.text_audio=siglip"])
-    m = cfg.model
     task = Task(cfg)
-    text = torch.randint(1, 40000, (8, m.text.context_length))
-    text[:, 0], text[:, 9], text[:, 10:] = SOT_TOKEN_ID, EOT_TOKEN_ID, 0
-    batch = {
-        "image": torch.randn(8, 3, m.image.image_size, m.image.image_size),
-        "text": text,
-        "audio": torch.randn(8, m.audio.n_mels, m.audio.n_frames),
-    }
-    batch["present"] = {k: torch.ones(8, dtype=torch.bool) for k in ("image", "text", "audio")}
+    batch = padded_batch(cfg, 8, eot=9, vocab=40000)
     optimizer = torch.optim.AdamW(task.parameters(), lr=3e-3)
     pairs = ("image_text", "image_audio", "text_audio")
     first = last = None
