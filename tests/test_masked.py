@@ -182,11 +182,7 @@ def test_task_weights_schedules_and_one_pass():
         cfg.objectives.masked_image.loss, schedule="linear_warmup", warmup_steps=10
     )
     task = Task(cfg)
-    batch = {"image": images(4), "text": texts(4), "audio": spectrograms(4)}
-    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "audio")}
-    calls = {m: 0 for m in ("image", "text", "audio")}
-    for m in calls:
-        getattr(task.model, m).forward_features = _counting(getattr(task.model, m).forward_features, calls, m)
+    batch, calls = _batch_and_pass_counter(task)
     out = task(batch, step=4)
     assert calls == {"image": 1, "text": 1, "audio": 1}  # one encoder pass per tower
     o = cfg.objectives
@@ -202,6 +198,16 @@ def test_task_weights_schedules_and_one_pass():
     calls.update(image=0, text=0, audio=0)
     task(batch, step=4)
     assert calls == {"image": 2, "text": 2, "audio": 2}
+
+
+def _batch_and_pass_counter(task: Task) -> tuple[dict, dict[str, int]]:
+    """A batch of 4 with every tower present, and a count of each tower's forward_features calls."""
+    batch = {"image": images(4), "text": texts(4), "audio": spectrograms(4)}
+    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "audio")}
+    calls = {m: 0 for m in ("image", "text", "audio")}
+    for m in calls:
+        getattr(task.model, m).forward_features = _counting(getattr(task.model, m).forward_features, calls, m)
+    return batch, calls
 
 
 def _counting(fn, calls, m):
@@ -221,11 +227,7 @@ def test_unmasked_tuning_switches_masking_off_for_the_last_steps():
     cfg.validate()
     torch.manual_seed(0)
     task = Task(cfg)
-    batch = {"image": images(4), "text": texts(4), "audio": spectrograms(4)}
-    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "audio")}
-    calls = {m: 0 for m in ("image", "text", "audio")}
-    for m in calls:
-        getattr(task.model, m).forward_features = _counting(getattr(task.model, m).forward_features, calls, m)
+    batch, calls = _batch_and_pass_counter(task)
     before = task(batch, step=6)
     assert before["masked_image_ratio"] == 0.75 and float(before["masked_audio_ratio"]) > 0.5
     assert float(before["masked_text_ratio"]) > 0 and "masked_image_loss" in before
