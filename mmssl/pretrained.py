@@ -28,6 +28,7 @@ Axis legend: L positions, D width, h/w patch grid.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -91,45 +92,75 @@ def sources(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
     return out
 
 
-def read(path: str, setting: str) -> Source:
+def read(path: str, setting: str, *, shapes_only: bool = False) -> Source:
     """The weights at ``path``, renamed to our keys; a path that names nothing usable is a ValueError
-    naming ``setting``."""
+    naming ``setting``. ``shapes_only``: meta tensors (names and shapes, no data, no scalars) from the
+    headers alone, for the check before ranks start: a safetensors header, a torch file mapped rather
+    than read, a run's config.json."""
     p = Path(path)
     if not p.exists():
         raise ValueError(f"{setting}: {path} does not exist")
     if p.is_dir():
-        try:
-            ckpt = checkpoint.load(p)
-        except FileNotFoundError as e:
-            raise ValueError(f"{setting}: {e}") from None
-        return Source(str(p), ckpt.model.state_dict(), ckpt.log_logit_scales, ckpt.logit_biases)
-    try:
-        if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(p))
-        else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, a pickle with code in it, not a weights file at all
-        raise ValueError(
-            f"{setting}: {path} is not a readable weights file ({type(e).__name__}: {e})"
-        ) from None
+        return read_folder(p, setting, shapes_only=shapes_only)
+    state = read_file(p, setting, shapes_only=shapes_only)
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # open_clip_train's checkpoint: {"epoch", "state_dict", "optimizer", ...}
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise ValueError(f"{setting}: {path} holds no state dict of tensors")
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if shapes_only:
+        state = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in state.items()}
     if any(k.startswith(OURS) for k in state):  # ours: an export's model.safetensors
+        ours = {k: v for k, v in state.items() if k.startswith(OURS)}
+        if shapes_only:
+            return Source(str(p), ours)
         scales = {k.removeprefix(checkpoint.LOGIT_SCALE_PREFIX): float(v) for k, v in state.items()
                   if k.startswith(checkpoint.LOGIT_SCALE_PREFIX)}  # fmt: skip
         biases = {k.removeprefix(checkpoint.LOGIT_BIAS_PREFIX): float(v) for k, v in state.items()
                   if k.startswith(checkpoint.LOGIT_BIAS_PREFIX)}  # fmt: skip
-        return Source(str(p), {k: v for k, v in state.items() if k.startswith(OURS)}, scales, biases)
+        return Source(str(p), ours, scales, biases)
     renamed = {name: v for k, v in state.items() if (name := mmssl_key(k)) is not None}
+    if shapes_only:
+        return Source(str(p), renamed)
     scalars = {k: float(state[k]) for k in OPEN_CLIP_SCALARS if k in state}
     scales = {"image_text": scalars["logit_scale"]} if "logit_scale" in scalars else {}
     biases = {"image_text": scalars["logit_bias"]} if "logit_bias" in scalars else {}
     return Source(str(p), renamed, scales, biases)
+
+
+def read_folder(p: Path, setting: str, *, shapes_only: bool) -> Source:
+    """An mmssl run, checkpoint or export folder; ``shapes_only``: the model its config.json builds, on
+    the meta device (the checkpoint's existence checked, its shards not read)."""
+    try:
+        if not shapes_only:
+            ckpt = checkpoint.load(p)
+            return Source(str(p), ckpt.model.state_dict(), ckpt.log_logit_scales, ckpt.logit_biases)
+        cfg, _ = checkpoint.find_config(p)
+    except FileNotFoundError as e:
+        raise ValueError(f"{setting}: {e}") from None
+    with torch.device("meta"):
+        return Source(str(p), MultimodalModel(cfg.model).state_dict())
+
+
+def read_file(p: Path, setting: str, *, shapes_only: bool) -> object:
+    """What a weights file holds: safetensors (its header alone when ``shapes_only``) or ``torch.load``
+    with ``weights_only=True`` (memory-mapped when ``shapes_only``: no tensor's bytes are read)."""
+    try:
+        if p.suffix == ".safetensors":
+            if not shapes_only:
+                from safetensors.torch import load_file
+
+                return load_file(str(p))
+            from safetensors import safe_open
+
+            with safe_open(str(p), framework="pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}  # noqa: SIM118
+        if shapes_only:
+            with contextlib.suppress(RuntimeError):  # a legacy (non-zip) file cannot be mapped: read it
+                return torch.load(p, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, a pickle with code in it, not a weights file at all
+        raise ValueError(f"{setting}: {p} is not a readable weights file ({type(e).__name__}: {e})") from None
 
 
 def resize_positions(key: str, value: Tensor, shape: torch.Size) -> Tensor | None:
@@ -184,7 +215,7 @@ def match(tower: str, setting: str, source: Source, ours: dict[str, torch.Size])
 
 
 def plan(
-    cfg: ModelConfig, ours: dict[str, torch.Size], *, strict: bool
+    cfg: ModelConfig, ours: dict[str, torch.Size], *, strict: bool, shapes_only: bool = False
 ) -> tuple[list[TowerMatch], dict[str, Source]]:
     """Every tower's match against its source (each source read once); refuses (ValueError, one line) a
     source that would leave weights at random when ``strict``."""
@@ -193,7 +224,7 @@ def plan(
     matches = []
     for tower, (setting, path) in wanted.items():
         if path not in read_once:
-            read_once[path] = read(path, setting)
+            read_once[path] = read(path, setting, shapes_only=shapes_only)
         tower_keys = {k: s for k, s in ours.items() if k.startswith(f"{tower}.")}
         matches.append(match(tower, setting, read_once[path], tower_keys))
     by_setting = defaultdict(list)
@@ -225,13 +256,14 @@ def refusal(m: TowerMatch) -> str:
 
 
 def check(cfg: RunConfig) -> None:
-    """Before any rank starts: every source exists, reads, and matches (unless ``init_strict=false``).
-    Our shapes come from a model built on the meta device (no memory, no initialisation)."""
+    """Before any rank starts: every source exists, reads, and matches (unless ``init_strict=false``),
+    from headers alone (every rank reads the weights in :func:`initialize`). Our shapes come from a
+    model built on the meta device (no memory, no initialisation)."""
     if not sources(cfg.model):
         return
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in MultimodalModel(cfg.model).state_dict().items()}
-    plan(cfg.model, shapes, strict=cfg.model.init_strict)
+    plan(cfg.model, shapes, strict=cfg.model.init_strict, shapes_only=True)
 
 
 @torch.no_grad()

@@ -188,3 +188,41 @@ def test_a_run_starts_from_open_clip_with_a_locked_image_tower(demo_shards, tmp_
         if key.startswith("image."):
             assert torch.equal(value, reference[open_clip_key(key)]), key
     assert not torch.equal(saved["text.text_projection"], reference["text_projection"])  # it trained
+
+
+def test_the_check_before_ranks_start_reads_headers_not_weights(tmp_path, monkeypatch):
+    """pretrained.check matches shapes from a safetensors header, a memory-mapped torch file and an
+    export's config; every rank reads the weights later, so reading them here too would double start-up
+    I/O. Fails if the check loads tensors' bytes."""
+    import safetensors.torch
+
+    cfg = config()
+    oc = open_clip_model(cfg).state_dict()
+    save_file(oc, str(tmp_path / "oc.safetensors"))
+    torch.save({"state_dict": oc}, tmp_path / "oc.pt")
+    folder = tmp_path / "src"
+    folder.mkdir()
+    save_file(MultimodalModel(cfg.model).state_dict(), str(folder / "model.safetensors"))
+    save_json(cfg, folder / "config.json")
+    export(folder, tmp_path / "out")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the check read whole weights")
+
+    real_load = torch.load
+
+    def mapped_only(*args, **kwargs):
+        assert kwargs.get("mmap"), "the check read a torch file instead of mapping it"
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)
+    monkeypatch.setattr(checkpoint, "load", refuse)
+    monkeypatch.setattr(torch, "load", mapped_only)
+    for path in ("oc.safetensors", "oc.pt", "out"):
+        big = config(image__image_size=48)  # a resized position embedding, matched on shapes alone
+        big.model.init_from = str(tmp_path / path)
+        pretrained.check(big)
+        narrow = config(image__width=32)
+        narrow.model.init_from = str(tmp_path / path)
+        with pytest.raises(ValueError, match="of another shape"):
+            pretrained.check(narrow)
