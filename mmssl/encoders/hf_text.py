@@ -88,7 +88,12 @@ class HFTextTower(nn.Module):
                 f"model.text.context_length={cfg.context_length} exceeds the {limit} positions of {cfg.hf_path}"
             )
         if cfg.grad_checkpointing:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5
+                self.encoder.activation_checkpointing_enable({"use_reentrant": False})
+            else:
+                self.encoder.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         tokenizer = load_hf_tokenizer(cfg.hf_path)
         self.vocab = Vocabulary(
             pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
