@@ -17,6 +17,7 @@ Axis legend: N captions, L context length.
 from __future__ import annotations
 
 import functools
+import os
 import re
 from typing import Any
 
@@ -74,6 +75,8 @@ def load_hf_tokenizer(path: str) -> Any:
     """The tokenizer of a local Hugging Face model directory (``local_files_only``: nothing is
     downloaded), loaded once per process."""
     transformers = require("transformers", "model.text.kind=hf")
+    # loader workers fork after the tokenizer is loaded: the Rust tokenizer's own threads would warn in each
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     with quiet_transformers(transformers):
         return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
 

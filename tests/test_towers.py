@@ -154,8 +154,11 @@ def test_mlm_trains_the_models_own_head_and_masked_towers_get_gradients(bert):
         assert task.get_parameter(name).grad.abs().sum() > 0, name
 
 
-def test_flop_count_matches_torch_counter(bert):
-    cfg = towers_cfg(bert, "objectives.masked_image.enabled=true", "objectives.masked_text.enabled=true")
+def test_flop_count_matches_torch_counter_with_masks_and_views(bert):
+    cfg = towers_cfg(
+        bert, "objectives.masked_image.enabled=true", "objectives.masked_text.enabled=true",
+        "objectives.views.image.enabled=true",
+    )  # fmt: skip
     torch.manual_seed(0)
     task = Task(cfg)
     b = 4
@@ -163,6 +166,7 @@ def test_flop_count_matches_torch_counter(bert):
     a = cfg.model.audio
     batch = {"image": torch.randn(b, 3, 32, 32), "text": text, "audio": torch.randn(b, a.n_mels, a.n_frames)}
     batch["present"] = {m: torch.ones(b, dtype=torch.bool) for m in ("image", "text", "audio")}
+    batch["image_view"] = torch.randn(b, 3, 32, 32)
     with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         task(batch)["loss"].backward()
 
@@ -250,17 +254,24 @@ def test_two_ranks_zero3_with_timm_and_hf_then_export_embeds_the_same(bert, tmp_
     from data_pipelines import synthetic_samples, write_shards
 
     train = write_shards(synthetic_samples(32, seed=1, image_size=32), tmp_path / "train", max_count=16)
+    test = write_shards(
+        synthetic_samples(16, seed=2, prefix="te", image_size=32), tmp_path / "test", max_count=8
+    )
     run_dir = tmp_path / "run"
     command = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny_timm", "--nproc", "2",
         "--run-dir", str(run_dir), f"data.train_shards={train['pattern']}", "data.num_workers=0",
+        f"data.eval_shards={test['pattern']}",
         "model.text.kind=hf", f"model.text.hf_path={bert}", "objectives.masked_image.enabled=true",
         "objectives.masked_text.enabled=true", "engine.zero_stage=3", "train.steps=2", "train.log_every=1",
-        "train.eval_at_end=false", "optim.micro_batch_size=4", "optim.warmup_steps=1",
+        "optim.micro_batch_size=4", "optim.warmup_steps=1",
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "MFLOP/sample" in proc.stdout and "ZeRO-3" in proc.stdout
+    assert (
+        run_dir / "eval.json"
+    ).is_file()  # evaluated at the end: retrieval, zero-shot with BERT's tokenizer
 
     from mmssl import api
     from mmssl.export import export
