@@ -21,6 +21,7 @@ from mmssl.model import MultimodalModel
 EXPORT_WEIGHTS = "model.safetensors"
 LOGIT_SCALE_PREFIX = "logit_scale."
 LOGIT_BIAS_PREFIX = "logit_bias."
+HF_TEXT_DIR = "hf_text"  # an export's copy of a Hugging Face text tower's config and tokenizer
 
 
 @dataclass
@@ -97,6 +98,10 @@ def load(path: str | Path) -> Checkpoint:
         from safetensors.torch import load_file
 
         cfg = _config(p)
+        if (
+            p / HF_TEXT_DIR
+        ).is_dir() and cfg.model.text is not None:  # the export's own copy (it may have moved)
+            cfg.model.text.hf_path = str(p / HF_TEXT_DIR)
         tensors = load_file(str(p / EXPORT_WEIGHTS))
         scales = _with_prefix(tensors, LOGIT_SCALE_PREFIX)
         biases = _with_prefix(tensors, LOGIT_BIAS_PREFIX)

@@ -58,6 +58,7 @@ def launched_by_launcher() -> bool:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from mmssl import data, engine, pretrained
+    from mmssl.encoders import check_towers
 
     if launched_by_launcher():  # a worker: the first process has checked everything already
         from mmssl.train import train
@@ -74,6 +75,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not 0 <= args.node_rank < args.nnodes:
             raise ValueError(f"--node-rank must be in [0, --nnodes={args.nnodes}), got {args.node_rank}")
         cfg = build_config(args)
+        check_towers(cfg)  # timm / Hugging Face towers: installed, named right, buildable
         data.check_shards(cfg)
         if world:
             engine.resolve_ds_config(cfg, world_size=world)

@@ -26,10 +26,20 @@ MODALITIES = ("image", "text", "audio")
 SOT_TOKEN_ID, EOT_TOKEN_ID, MASK_TOKEN_ID = 49406, 49407, 49408
 
 
+TowerKind = Literal["native", "timm"]
+TextKind = Literal["native", "hf"]
+# constructor arguments given to timm.create_model as they are (e.g. {"embed_dim": 192, "depth": 4})
+TimmKwargs = dict[str, int | float | str | bool]
+
+
 @dataclass(kw_only=True)
 class ImageTowerConfig:
-    """A ViT over square patches of an RGB image."""
+    """A ViT over square patches of an RGB image: mmssl's own (``kind=native``) or any timm model
+    (``kind=timm``, the ``towers`` extra), whose own shape then replaces patch_size/width/depth/heads."""
 
+    kind: TowerKind = "native"
+    timm_name: str = ""  # kind=timm: a timm model name, built with pretrained=False (weights: init_from)
+    timm_kwargs: TimmKwargs = field(default_factory=dict)
     image_size: int = 32
     patch_size: int = 8
     width: int = 64
@@ -48,6 +58,10 @@ class ImageTowerConfig:
 
     def validate(self, path: str) -> None:
         _check_lock(self, path)
+        if self.kind == "timm":
+            _positive(self, path, "image_size")
+            _check_timm(self, path)
+            return
         _positive(self, path, "image_size", "patch_size", "width", "depth", "heads")
         if self.image_size % self.patch_size:
             raise ValueError(
@@ -62,8 +76,14 @@ class ImageTowerConfig:
 
 @dataclass(kw_only=True)
 class TextTowerConfig:
-    """A transformer over open_clip BPE tokens, pooled at the end-of-text token."""
+    """A transformer over open_clip BPE tokens, pooled at the end-of-text token (``kind=native``), or a
+    local Hugging Face encoder with its own tokenizer (``kind=hf``, the ``towers`` extra), pooled at its
+    first token or as the mean of its tokens; then only context_length (the tokenizer's padded length)
+    and the settings below hf_path apply of the native ones."""
 
+    kind: TextKind = "native"
+    hf_path: str = ""  # kind=hf: a local model directory (config, tokenizer, weights); nothing is downloaded
+    pooler: Literal["cls", "mean"] = "cls"  # kind=hf: the first token's features, or the mean over tokens
     context_length: int = 16
     vocab_size: int = 49409  # open_clip's 49408 BPE ids and one [MASK] id for masked language modelling
     width: int = 64
@@ -84,6 +104,13 @@ class TextTowerConfig:
 
     def validate(self, path: str) -> None:
         _check_lock(self, path)
+        if self.kind == "hf":
+            _positive(self, path, "context_length")
+            if not self.hf_path:
+                raise ValueError(
+                    f"{path}.hf_path must name a local Hugging Face model directory ({path}.kind=hf)"
+                )
+            return
         _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
         _heads_divide(self, path)
         if not 0.0 <= self.dropout < 1.0:
@@ -92,8 +119,13 @@ class TextTowerConfig:
 
 @dataclass(kw_only=True)
 class AudioTowerConfig:
-    """A transformer over patches of a log-mel spectrogram; the mel settings are its input contract."""
+    """A transformer over patches of a log-mel spectrogram; the mel settings are its input contract.
+    ``kind=timm`` makes it an AST-style timm ViT over the same log-mel (one input channel, patches of
+    patch_freq x patch_time), whose own width/depth/heads replace the ones below."""
 
+    kind: TowerKind = "native"
+    timm_name: str = ""  # kind=timm: a timm ViT name (e.g. vit_base_patch16_224), built with pretrained=False
+    timm_kwargs: TimmKwargs = field(default_factory=dict)
     sample_rate: int = 16000
     clip_seconds: float = 2.0
     n_fft: int = 400
@@ -116,14 +148,19 @@ class AudioTowerConfig:
     def validate(self, path: str) -> None:
         _check_lock(self, path)
         _positive(self, path, "sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
-        _positive(self, path, "patch_freq", "patch_time", "width", "depth", "heads")
+        if self.kind == "timm":
+            _positive(self, path, "patch_freq", "patch_time")
+            _check_timm(self, path)
+        else:
+            _positive(self, path, "patch_freq", "patch_time", "width", "depth", "heads")
         if self.n_mels % self.patch_freq:
             raise ValueError(f"{path}.n_mels={self.n_mels} is not a multiple of patch_freq={self.patch_freq}")
         if self.n_frames < self.patch_time:
             raise ValueError(
                 f"{path}: {self.n_frames} spectrogram frames are fewer than patch_time={self.patch_time}"
             )
-        _heads_divide(self, path)
+        if self.kind == "native":
+            _heads_divide(self, path)
 
     @property
     def clip_samples(self) -> int:
@@ -568,8 +605,14 @@ class RunConfig:
             )
         if self.objectives.masked_image.mode != "unstructured":
             raise ValueError("objectives.masked_image.mode: images take 'unstructured' masking only")
+        if self.engine.compile and any(
+            getattr(self.model, m).kind != "native" for m in self.model.modalities
+        ):
+            raise ValueError(
+                "engine.compile compiles mmssl's native towers only: set engine.compile=false for timm/hf towers"
+            )
         text = self.model.text
-        if self.objectives.masked_text.enabled and text is not None:
+        if self.objectives.masked_text.enabled and text is not None and text.kind == "native":
             if text.causal:
                 raise ValueError(
                     "objectives.masked_text needs a bidirectional text tower: set model.text.causal=false"
@@ -591,7 +634,12 @@ class RunConfig:
                     "use ZeRO-1/2 or turn the view objective off"
                 )
         text = self.model.text
-        if self.objectives.views.text.enabled and text is not None and text.dropout <= 0:
+        if (
+            self.objectives.views.text.enabled
+            and text is not None
+            and text.kind == "native"
+            and text.dropout <= 0
+        ):
             raise ValueError(
                 "objectives.views.text compares two dropout passes of each caption: set model.text.dropout > 0 "
                 "(SimCSE uses 0.1)"
@@ -614,11 +662,33 @@ def _check_lock(cfg: Any, path: str) -> None:
         raise ValueError(f"{path}.unlocked_groups must be >= 0, got {cfg.unlocked_groups}")
     if cfg.unlocked_groups and not cfg.lock:
         raise ValueError(f"{path}.unlocked_groups={cfg.unlocked_groups} needs {path}.lock=true")
+    if cfg.kind != "native":  # a foreign trunk is one group: locked whole (0) or with the projection open (1)
+        if cfg.unlocked_groups > 1:
+            raise ValueError(
+                f"{path}.unlocked_groups={cfg.unlocked_groups}: a {path}.kind={cfg.kind} tower locks as "
+                "two groups (its trunk, then the projection): use 0 or 1"
+            )
+        return
     if cfg.unlocked_groups > cfg.depth + 2:
         raise ValueError(
             f"{path}.unlocked_groups={cfg.unlocked_groups} exceeds the tower's {cfg.depth + 2} groups "
             "(embeddings, one per block, projection)"
         )
+
+
+def _check_timm(cfg: Any, path: str) -> None:
+    """The settings of a timm tower that can be checked without timm (mmssl.encoders.check_towers
+    checks the name and builds the model). An audio tower's patches are patch_freq x patch_time."""
+    if not cfg.timm_name:
+        raise ValueError(
+            f"{path}.timm_name must name a timm model ({path}.kind=timm), e.g. vit_small_patch16_224"
+        )
+    audio = isinstance(cfg, AudioTowerConfig)
+    for key in ("pretrained", "num_classes", "img_size", "in_chans") + (("patch_size",) if audio else ()):
+        if key in cfg.timm_kwargs:
+            raise ValueError(
+                f"{path}.timm_kwargs.{key} is set by mmssl (see the tower's docstring), not here"
+            )
 
 
 def _heads_divide(cfg: Any, path: str) -> None:

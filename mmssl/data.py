@@ -22,14 +22,27 @@ from data_pipelines import (
 )
 from mmssl.config import RunConfig
 from mmssl.objectives.masked_text import selection_slots
-from mmssl.tokenizer import ClipTokenizer
+from mmssl.tokenizer import ClipTokenizer, HFTokenizer
 
 
-def tokenizer(cfg: RunConfig) -> ClipTokenizer | None:
+def tokenizer(cfg: RunConfig) -> ClipTokenizer | HFTokenizer | None:
     """open_clip's BPE tokenizer, same output, faster (its vocabulary ships in the wheel: nothing is
-    downloaded)."""
+    downloaded); for a Hugging Face text tower, its model directory's own tokenizer."""
     text = cfg.model.text
-    return ClipTokenizer(context_length=text.context_length) if text is not None else None
+    if text is None:
+        return None
+    if text.kind == "hf":
+        return HFTokenizer(text.hf_path, text.context_length)
+    return ClipTokenizer(context_length=text.context_length)
+
+
+def trims_text(cfg: RunConfig) -> bool:
+    """Whether text batches are cut after their longest caption (``data.trim_text``): only when the
+    tokenizer pads with id 0, which is what the loader's trimming takes for padding."""
+    text = cfg.model.text
+    if not cfg.data.trim_text or text is None:
+        return False
+    return text.kind == "native" or HFTokenizer(text.hf_path, text.context_length).pad_token_id == 0
 
 
 def stream_config(
@@ -82,7 +95,7 @@ def stream_config(
         audio=audio,
         text=m.text is not None,
         pin_memory=torch.cuda.is_available(),
-        trim_text=min_text_tokens(cfg) if d.trim_text and m.text is not None else None,
+        trim_text=min_text_tokens(cfg) if trims_text(cfg) else None,
         # a second augmented view for view objectives (text's second view is a dropout pass, not data)
         views=tuple(v for v in cfg.objectives.views.enabled() if v != "text") if train else (),
     )

@@ -7,6 +7,8 @@ Layout written under the output folder::
                         + "logit_bias.<pair>" (SigLIP pairs)
     config.json         the run config (enough to rebuild the model: ``mmssl.api.load(OUT)``)
     export.json         what was exported, from where, and the open_clip verdict
+    hf_text/            a Hugging Face text tower's config and tokenizer files (its weights are in
+                        model.safetensors), which config.json's model.text.hf_path names
     open_clip/          open_clip_config.json + open_clip_model.safetensors, for
                         ``open_clip.create_model("local-dir:OUT/open_clip")``
 
@@ -20,8 +22,10 @@ tower is causal (CLIP's), since open_clip pools the end-of-text token of a causa
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +33,16 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from mmssl.checkpoint import EXPORT_WEIGHTS, LOGIT_BIAS_PREFIX, LOGIT_SCALE_PREFIX, contiguous_copy, load
+from mmssl.checkpoint import (
+    EXPORT_WEIGHTS,
+    HF_TEXT_DIR,
+    LOGIT_BIAS_PREFIX,
+    LOGIT_SCALE_PREFIX,
+    contiguous_copy,
+    load,
+)
 from mmssl.config import RunConfig, save_json
+from mmssl.encoders.hf_text import WEIGHT_FILES
 
 OPEN_CLIP_DIR = "open_clip"
 OPEN_CLIP_CONFIG = "open_clip_config.json"
@@ -42,6 +54,9 @@ def open_clip_incompatibility(cfg: RunConfig) -> str | None:
     m = cfg.model
     if m.image is None or m.text is None:
         return "open_clip's CLIP needs both an image and a text tower"
+    for name in ("image", "text"):
+        if getattr(m, name).kind != "native":
+            return f"the {name} tower is a {getattr(m, name).kind} model (model.{name}.kind); open_clip's export maps mmssl's native towers only"
     if not m.text.causal:
         return "the text tower is bidirectional (model.text.causal=false); open_clip's is causal"
     return None
@@ -125,6 +140,22 @@ def open_clip_state(
     return out
 
 
+def copy_hf_files(cfg: RunConfig, dest: Path) -> RunConfig:
+    """Copy a Hugging Face text tower's config and tokenizer files (not its weights: the export holds
+    them) to ``dest``, so the export rebuilds without the original directory; the config, pointed there."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for item in Path(cfg.model.text.hf_path).iterdir():
+        if (
+            item.is_file()
+            and item.name not in WEIGHT_FILES
+            and not item.name.endswith((".safetensors", ".bin"))
+        ):
+            shutil.copy2(item, dest / item.name)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.text.hf_path = str(dest.resolve())
+    return cfg
+
+
 def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     """Write the export folder for a run / checkpoint (any ZeRO stage) / export; returns a summary."""
     ckpt = load(path)
@@ -136,7 +167,10 @@ def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     save_file(
         {**state, **scales}, str(out / EXPORT_WEIGHTS), metadata={"format": "pt", "source": ckpt.source}
     )
-    save_json(ckpt.cfg, out / "config.json")
+    cfg = ckpt.cfg
+    if cfg.model.text is not None and cfg.model.text.kind == "hf":
+        cfg = copy_hf_files(cfg, out / HF_TEXT_DIR)
+    save_json(cfg, out / "config.json")
 
     summary: dict[str, Any] = {
         "source": ckpt.source,

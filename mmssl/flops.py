@@ -4,7 +4,9 @@ Counted: every matmul and convolution of the towers, the masked-objective decode
 view objectives' second passes, heads and logits, and the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
 whose input is data and needs no gradient: 1 x forward). Masked passes count at their
 real size: an MAE encoder sees ``K + 1`` tokens, not ``L + 1``; the MLM head runs on its fixed
-number of selection slots per caption. Norms, softmax and elementwise work are left out, as in the usual MFU
+number of selection slots per caption. A timm or Hugging Face tower is counted by torch's FLOP counter
+on a model built on the meta device (shapes only, once per config), its patch embedding apart as for
+the native towers (a timm convnet's first convolution stays with the rest: its backward counts 2 x). Norms, softmax and elementwise work are left out, as in the usual MFU
 accounting (PaLM, Megatron). ``tests/test_flops.py`` checks the count against torch's FLOP counter.
 
 Peaks: on CUDA a table of dense bf16 tensor-core peaks; on CPU a short fp32 matmul probe, measured
@@ -17,11 +19,15 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mmssl.config import RunConfig
+from mmssl.encoders import build_encoder
 from mmssl.objectives.masked_text import selection_slots
 from mmssl.objectives.masking import keep_count
 
@@ -34,16 +40,112 @@ def transformer_flops(tokens: int, width: int, depth: int, mlp_ratio: float) -> 
 
 
 def tower_tokens(cfg: RunConfig) -> dict[str, int]:
-    """Input tokens per sample of each tower (patches, or the text context)."""
+    """Input tokens per sample of each tower (patches, or the text context; a timm tower without
+    tokens: 1, the whole input)."""
     m = cfg.model
     out = {}
     if m.image is not None:
-        out["image"] = m.image.num_patches
+        out["image"] = (
+            m.image.num_patches if m.image.kind == "native" else foreign_tower(cfg, "image").num_patches
+        )
     if m.text is not None:
         out["text"] = m.text.context_length
     if m.audio is not None:
-        out["audio"] = m.audio.grid[0] * m.audio.grid[1]
+        out["audio"] = (
+            m.audio.grid[0] * m.audio.grid[1]
+            if m.audio.kind == "native"
+            else foreign_tower(cfg, "audio").num_patches
+        )
     return out
+
+
+_FOREIGN: dict[str, nn.Module] = {}
+
+
+def foreign_tower(cfg: RunConfig, name: str) -> nn.Module:
+    """A timm or Hugging Face tower of ``cfg`` built on the meta device (no memory), once per config."""
+    key = f"{name}|{cfg.model.embed_dim}|{getattr(cfg.model, name)!r}"
+    if key not in _FOREIGN:
+        with torch.device("meta"):
+            _FOREIGN[key] = build_encoder(getattr(cfg.model, name), cfg.model.embed_dim)
+    return _FOREIGN[key]
+
+
+def counted(fn: Callable[[], object]) -> float:
+    """torch's FLOP count of ``fn()`` (run on meta tensors: shapes only, nothing computed)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def foreign_encoder_flops(cfg: RunConfig, name: str, seen: int) -> float:
+    """Forward FLOPs per sample of a timm or Hugging Face tower, counted by torch on meta tensors: every
+    matmul and convolution, attention included, its patch embedding over the whole input. ``seen``:
+    the kept patches of a masked pass, or the text length."""
+    tower, e = foreign_tower(cfg, name), cfg.model.embed_dim
+    with torch.device("meta"):
+        if name == "text":  # no attention mask: Hugging Face reads the mask's values, which meta lacks
+            ids = torch.zeros(1, seen, dtype=torch.long)
+            return counted(lambda: tower.encoder(input_ids=ids)) + 2 * tower.width * e
+        x = torch.zeros(1, *input_shape(cfg, name))
+        keep = torch.zeros(1, seen, dtype=torch.long) if seen < tower.num_patches else None
+    return counted(lambda: tower.forward_head(tower.forward_features(x, keep)))
+
+
+def foreign_patch_embed_flops(cfg: RunConfig, name: str) -> float:
+    """Forward FLOPs per sample of a timm ViT's patch embedding (0 for a tower without tokens, whose
+    first convolution stays counted with the rest)."""
+    tower = foreign_tower(cfg, name)
+    if not tower.token_based:
+        return 0.0
+    with torch.device("meta"):
+        x = tower._as_image(torch.zeros(1, *input_shape(cfg, name)))
+    return counted(lambda: tower.trunk.patch_embed(x))
+
+
+def input_shape(cfg: RunConfig, name: str) -> tuple[int, ...]:
+    """One sample's input to a patch tower: ``(3, H, W)`` or ``(F, T)``."""
+    t = getattr(cfg.model, name)
+    return (3, t.image_size, t.image_size) if name == "image" else (t.n_mels, t.n_frames)
+
+
+def patch_encoder_flops(cfg: RunConfig, name: str, seen: int) -> float:
+    """Forward FLOPs per sample of a patch tower's encoder seeing ``seen`` patches, projection included,
+    its patch embedding left out (counted on its own: its input needs no gradient)."""
+    tower = getattr(cfg.model, name)
+    if tower.kind != "native":
+        return foreign_encoder_flops(cfg, name, seen) - foreign_patch_embed_flops(cfg, name)
+    return (
+        transformer_flops(seen + 1, tower.width, tower.depth, tower.mlp_ratio)
+        + 2 * tower.width * cfg.model.embed_dim
+    )
+
+
+def patch_shape(cfg: RunConfig, name: str) -> tuple[int, int, int]:
+    """(patches, values per patch, encoder width) of a patch tower."""
+    tower = getattr(cfg.model, name)
+    if tower.kind != "native":
+        t = foreign_tower(cfg, name)
+        return t.num_patches, (t.patch_dim if t.token_based else 0), t.width
+    patch_dim = 3 * tower.patch_size**2 if name == "image" else tower.patch_freq * tower.patch_time
+    return tower_tokens(cfg)[name], patch_dim, tower.width
+
+
+def text_encoder_flops(cfg: RunConfig, tokens: int) -> float:
+    t = cfg.model.text
+    if t.kind != "native":
+        return foreign_encoder_flops(cfg, "text", tokens)
+    return transformer_flops(tokens, t.width, t.depth, t.mlp_ratio) + 2 * t.width * cfg.model.embed_dim
+
+
+def mlm_head_flops(cfg: RunConfig, slots: int) -> float:
+    t = cfg.model.text
+    if t.kind == "native":
+        return slots * (2 * t.width * t.width + 2 * t.width * t.vocab_size)
+    tower = foreign_tower(cfg, "text")
+    with torch.device("meta"):
+        features = torch.zeros(1, slots, tower.width)
+    return counted(lambda: tower.masked_lm_head()(features))
 
 
 def forward_flops_per_sample(
@@ -57,33 +159,31 @@ def forward_flops_per_sample(
     for name, tower in (("image", m.image), ("audio", m.audio)):
         if tower is None:
             continue
-        patches = tower_tokens(cfg)[name]
-        patch_dim = 3 * tower.patch_size**2 if name == "image" else tower.patch_freq * tower.patch_time
+        patches, patch_dim, width = patch_shape(cfg, name)
         masked = o.masked(name)
-
-        def encoder(seen: int, tower=tower) -> float:
-            return (
-                transformer_flops(seen + 1, tower.width, tower.depth, tower.mlp_ratio) + 2 * tower.width * e
-            )
-
         passes = 2 if masked.enabled and o.unmasked_contrastive_pass else 1
-        parts[f"{name}_patch_embed"] = passes * 2 * patches * patch_dim * tower.width  # over every patch
+        embed = (
+            2 * patches * patch_dim * width
+            if tower.kind == "native"
+            else foreign_patch_embed_flops(cfg, name)
+        )
+        parts[f"{name}_patch_embed"] = passes * embed  # over every patch
         if masked.enabled:
             k = keep_count(patches, masked.mask_ratio)
             dw = masked.decoder_width
-            decoder = 2 * k * tower.width * dw + transformer_flops(patches, dw, masked.decoder_depth, 4.0)
+            decoder = 2 * k * width * dw + transformer_flops(patches, dw, masked.decoder_depth, 4.0)
             decoder += 2 * patches * dw * patch_dim
-            parts[name] = encoder(k) + decoder + (encoder(patches) if o.unmasked_contrastive_pass else 0.0)
+            parts[name] = patch_encoder_flops(cfg, name, k) + decoder
+            parts[name] += patch_encoder_flops(cfg, name, patches) if o.unmasked_contrastive_pass else 0.0
         else:
-            parts[name] = encoder(patches)
+            parts[name] = patch_encoder_flops(cfg, name, patches)
     if m.text is not None:
         t = m.text
-        encoder = transformer_flops(text_tokens or t.context_length, t.width, t.depth, t.mlp_ratio)
-        encoder += 2 * t.width * e
+        encoder = text_encoder_flops(cfg, text_tokens or t.context_length)
         parts["text"] = encoder
         if o.masked_text.enabled:
             slots = selection_slots(t.context_length, o.masked_text.select_prob)  # the head's positions
-            parts["text"] += slots * (2 * t.width * t.width + 2 * t.width * t.vocab_size)
+            parts["text"] += mlm_head_flops(cfg, slots)
             parts["text"] += encoder if o.unmasked_contrastive_pass else 0.0
     pairs = len(o.contrastive.pair_names(m.modalities))
     parts["contrastive"] = pairs * 2 * global_batch * e  # one [B, N] logit matmul per pair, per row
@@ -95,6 +195,7 @@ def views_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int |
     """Forward FLOPs of the view objectives: the second view's pass (masked as the contrastive pass is,
     pooled without the projection), the head on both views, and NT-Xent's two ``[B, 2N]`` logit matmuls."""
     m, o = cfg.model, cfg.objectives
+    e = m.embed_dim
     parts: dict[str, float] = {}
     for name in o.views.enabled():
         tower, view = getattr(m, name), getattr(o.views, name)
@@ -102,16 +203,18 @@ def views_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int |
             continue
         masked = o.masked(name).enabled and not o.unmasked_contrastive_pass
         if name == "text":
-            encoder = transformer_flops(
-                text_tokens or tower.context_length, tower.width, tower.depth, tower.mlp_ratio
-            )
+            width = cfg.model.text.width if tower.kind == "native" else foreign_tower(cfg, "text").width
+            encoder = text_encoder_flops(cfg, text_tokens or tower.context_length) - 2 * width * e
         else:
-            patches = tower_tokens(cfg)[name]
-            patch_dim = 3 * tower.patch_size**2 if name == "image" else tower.patch_freq * tower.patch_time
-            parts[f"views_{name}_patch_embed"] = 2 * patches * patch_dim * tower.width
+            patches, patch_dim, width = patch_shape(cfg, name)
+            parts[f"views_{name}_patch_embed"] = (
+                2 * patches * patch_dim * width
+                if tower.kind == "native"
+                else foreign_patch_embed_flops(cfg, name)
+            )
             seen = keep_count(patches, o.masked(name).mask_ratio) if masked else patches
-            encoder = transformer_flops(seen + 1, tower.width, tower.depth, tower.mlp_ratio)
-        dims = [tower.width] + [view.head_width] * (view.head_layers - 1) + [view.out_dim]
+            encoder = patch_encoder_flops(cfg, name, seen) - 2 * width * e
+        dims = [width] + [view.head_width] * (view.head_layers - 1) + [view.out_dim]
         head = sum(2 * d_in * d_out for d_in, d_out in zip(dims[:-1], dims[1:], strict=True))
         parts[f"views_{name}"] = encoder + 2 * head + 2 * 2 * (2 * global_batch) * view.out_dim
     return parts

@@ -3,12 +3,14 @@
 
 A tower's groups, input to output: the embeddings (patch or token embedding, class token, position
 embedding, the pre-norm), each transformer block but the last, the last block with the final norm, the
-projection. ``unlocked_groups=1`` trains the projection only; ``depth + 2`` trains everything.
+projection. ``unlocked_groups=1`` trains the projection only; ``depth + 2`` trains everything. A timm
+or Hugging Face tower has two groups: its whole trunk, then mmssl's projection.
 
 Locked parameters get ``requires_grad=False`` before the engine is built, so they get no gradients and
 the optimizer (mmssl/engine.py builds it from trainable parameters only) holds no state for them:
 ZeRO partitions only the trainable ones. Our towers normalise with LayerNorm, which keeps no running
-statistics, so there are no norm statistics to fix (a BatchNorm tower would need ``eval()`` here).
+statistics, so there are no norm statistics to fix (a BatchNorm tower would need ``eval()`` here: a
+locked timm convnet's BatchNorm statistics still move in training).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ def layer_groups(tower: nn.Module) -> list[list[nn.Parameter]]:
     """The tower's parameters in open_clip's lock groups, input to output."""
     named = dict(tower.named_parameters())
     head = [p for n, p in named.items() if n in HEADS]
+    if tower.kind != "native":  # a timm or Hugging Face trunk is one group (config.py allows 0 or 1 open)
+        return [[p for n, p in named.items() if n not in HEADS], head]
     final = [p for n, p in named.items() if n.startswith(FINAL_NORMS)]
     blocks = [list(block.parameters()) for block in tower.transformer.resblocks]
     grouped = {id(p) for p in head + final} | {id(p) for block in blocks for p in block}

@@ -2,11 +2,14 @@
 smaller ones and change only what differs. ``tiny`` trains on CPU in seconds (tests, the demo),
 ``small`` in minutes (CPU benchmarks); ``base`` and ``large`` are GPU-scale (ViT-B/16 and ViT-L/14 class).
 Each has a ``*_masked`` twin with every masked objective on besides the contrastive one; ``tiny`` and
-``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE.
+``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE, a
+``*_timm`` twin with timm ViTs as image and audio towers (the same sizes) and a ``*_hf`` twin with a
+local Hugging Face text encoder (``model.text.hf_path=DIR``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 from mmssl.config import (
@@ -15,6 +18,7 @@ from mmssl.config import (
     ModelConfig,
     RunConfig,
     TextTowerConfig,
+    TimmKwargs,
 )
 
 DEMO_DATA = "data/demo"
@@ -150,6 +154,46 @@ def small_siglip() -> RunConfig:
     return with_siglip(small())
 
 
+def with_timm_towers(cfg: RunConfig, name: str, kwargs: TimmKwargs) -> RunConfig:
+    """Image and audio towers from timm (the ``towers`` extra): the ViT ``name`` with ``kwargs`` for the
+    image, and as an AST-style spectrogram ViT (one channel, the native patches) for the audio. The
+    native towers' patch sizes carry over."""
+    m = cfg.model
+    m.image = ImageTowerConfig(
+        kind="timm", timm_name=name, timm_kwargs={**kwargs, "patch_size": m.image.patch_size},
+        image_size=m.image.image_size,
+    )  # fmt: skip
+    m.audio = dataclasses.replace(m.audio, kind="timm", timm_name=name, timm_kwargs=dict(kwargs))
+    cfg.preset += "_timm"
+    cfg.run_dir += "_timm"
+    return cfg
+
+
+def with_hf_text(cfg: RunConfig) -> RunConfig:
+    """A Hugging Face text tower (the ``towers`` extra), pooled at its first token. Its model directory
+    is the user's: ``model.text.hf_path=DIR`` (a run refuses to start without it)."""
+    cfg.model.text = TextTowerConfig(kind="hf", context_length=cfg.model.text.context_length, pooler="cls")
+    cfg.preset += "_hf"
+    cfg.run_dir += "_hf"
+    return cfg
+
+
+def tiny_timm() -> RunConfig:
+    return with_timm_towers(tiny(), "vit_tiny_patch16_224", {"embed_dim": 64, "depth": 2, "num_heads": 2})
+
+
+def small_timm() -> RunConfig:
+    return with_timm_towers(small(), "vit_tiny_patch16_224", {"embed_dim": 192, "depth": 4, "num_heads": 3})
+
+
+def tiny_hf() -> RunConfig:
+    return with_hf_text(tiny())
+
+
+def small_hf() -> RunConfig:
+    return with_hf_text(small())
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "small": small,
@@ -161,6 +205,10 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "large_masked": large_masked,
     "tiny_siglip": tiny_siglip,
     "small_siglip": small_siglip,
+    "tiny_timm": tiny_timm,
+    "small_timm": small_timm,
+    "tiny_hf": tiny_hf,
+    "small_hf": small_hf,
 }
 
 

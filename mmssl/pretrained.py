@@ -11,7 +11,9 @@ A source is one of:
   checkpoints) is unwrapped and DDP's ``module.`` prefix stripped. Keys named like ours (``image.*``,
   ``text.*``, ``audio.*``: an export's ``model.safetensors``) are taken as they are; an open_clip CLIP
   state dict is renamed with :func:`mmssl.export.mmssl_key`, the inverse of what export writes, and its
-  ``logit_scale``/``logit_bias`` become the image-text pair's.
+  ``logit_scale``/``logit_bias`` become the image-text pair's. For a timm tower (``kind=timm``), a
+  file of timm's own weights (``timm.create_model(...).state_dict()`` saved) loads into its trunk, the
+  classifier left out; its projection into the shared space stays as initialised.
 
 Nothing is downloaded. Each tower is matched on its own: a tower the source does not hold keeps its
 fresh initialisation (the report says so). Within a tower the source does hold, a key of ours it lacks
@@ -45,6 +47,7 @@ from mmssl.export import OPEN_CLIP_SCALARS, mmssl_key
 from mmssl.model import MultimodalModel
 
 OURS = ("image.", "text.", "audio.")
+TIMM_CLASSIFIERS = ("head.", "head_dist.", "fc.", "classifier.")  # timm's classifier names by family
 TOKENS = "text.token_embedding.weight"
 SHOWN = 3  # key names shown per kind in an error line
 
@@ -55,6 +58,7 @@ class Source:
     state: dict[str, Tensor]  # keys named like our model's state dict
     log_logit_scales: dict[str, float] = field(default_factory=dict)  # pair -> log scale
     logit_biases: dict[str, float] = field(default_factory=dict)
+    raw: dict[str, Tensor] = field(default_factory=dict)  # a weights file's keys as they are (not ours)
 
 
 @dataclass
@@ -125,7 +129,14 @@ def read(path: str, setting: str, *, shapes_only: bool = False) -> Source:
     scalars = {k: float(state[k]) for k in OPEN_CLIP_SCALARS if k in state}
     scales = {"image_text": scalars["logit_scale"]} if "logit_scale" in scalars else {}
     biases = {"image_text": scalars["logit_bias"]} if "logit_bias" in scalars else {}
-    return Source(str(p), renamed, scales, biases)
+    return Source(str(p), renamed, scales, biases, raw=state)
+
+
+def timm_source(tower: str, source: Source) -> Source:
+    """A timm model's own state dict (a file of timm weights) as a timm tower's: keys under
+    ``<tower>.trunk.``, its classifier left out (the trunk is built without one: num_classes=0)."""
+    state = {f"{tower}.trunk.{k}": v for k, v in source.raw.items() if not k.startswith(TIMM_CLASSIFIERS)}
+    return Source(source.path, state)
 
 
 def read_folder(p: Path, setting: str, *, shapes_only: bool) -> Source:
@@ -226,7 +237,11 @@ def plan(
         if path not in read_once:
             read_once[path] = read(path, setting, shapes_only=shapes_only)
         tower_keys = {k: s for k, s in ours.items() if k.startswith(f"{tower}.")}
-        matches.append(match(tower, setting, read_once[path], tower_keys))
+        source = read_once[path]
+        if getattr(cfg, tower).kind == "timm" and source.raw:  # timm's own weights: the trunk's only
+            source = timm_source(tower, source)
+            tower_keys = {k: s for k, s in tower_keys.items() if k.startswith(f"{tower}.trunk.")}
+        matches.append(match(tower, setting, source, tower_keys))
     by_setting = defaultdict(list)
     for m in matches:
         by_setting[(m.setting, m.source)].append(m)

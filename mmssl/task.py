@@ -70,20 +70,26 @@ class Task(nn.Module):
         )
         on = {name: m_cfg is not None and o.masked(name).enabled for name, m_cfg in
               (("image", m.image), ("text", m.text), ("audio", m.audio))}  # fmt: skip
-        self.masked_image = MaskedImageObjective(o.masked_image, m.image) if on["image"] else None
-        self.masked_text = MaskedTextObjective(o.masked_text, m.text) if on["text"] else None
-        self.masked_audio = MaskedAudioObjective(o.masked_audio, m.audio) if on["audio"] else None
+        towers = self.model  # each objective reads its tower's shape (width, patch grid, vocabulary)
+        self.masked_image = MaskedImageObjective(o.masked_image, towers.image) if on["image"] else None
+        self.masked_text = MaskedTextObjective(o.masked_text, towers.text) if on["text"] else None
+        self.masked_audio = MaskedAudioObjective(o.masked_audio, towers.audio) if on["audio"] else None
         # built last: the other modules' initial weights do not depend on whether views are on
         self.views = nn.ModuleDict(
             {
                 name: ViewObjective(
-                    getattr(o.views, name), name, getattr(m, name).width, rank=rank, world_size=world_size
+                    getattr(o.views, name),
+                    name,
+                    getattr(towers, name).width,
+                    rank=rank,
+                    world_size=world_size,
                 )
                 for name in o.views.enabled()
                 if getattr(m, name) is not None
             }
         )
-        self.dropout = m.text is not None and m.text.dropout > 0
+        # any tower with dropout (the native text tower's, a timm or Hugging Face model's own)
+        self.dropout = any(isinstance(x, nn.Dropout) and x.p > 0 for x in self.model.modules())
 
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")

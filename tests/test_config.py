@@ -9,6 +9,8 @@ def test_every_preset_validates_and_round_trips(name, tmp_path):
     cfg = get_preset(name)
     if not cfg.data.train_shards:
         cfg.data.train_shards = "somewhere"
+    if cfg.model.text.kind == "hf":  # a Hugging Face preset names no model directory: the user's
+        cfg.model.text.hf_path = "somewhere"
     cfg.validate()
     save_json(cfg, tmp_path / "c.json")
     assert to_dict(load_json(tmp_path / "c.json")) == to_dict(cfg)

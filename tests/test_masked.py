@@ -40,7 +40,8 @@ def patch_objective(modality: str, **overrides):
     settings = {"enabled": True, "mask_ratio": 0.75 if modality == "image" else 0.8, **overrides}
     cfg = MaskedPatchConfig(**settings)
     build = MaskedImageObjective if modality == "image" else MaskedAudioObjective
-    return build_encoder(tower_cfg, MODEL.embed_dim), build(cfg, tower_cfg)
+    tower = build_encoder(tower_cfg, MODEL.embed_dim)
+    return tower, build(cfg, tower)
 
 
 @pytest.mark.parametrize("mode", ["unstructured", "time", "frequency", "time_frequency"])
@@ -88,7 +89,7 @@ def test_ratio_zero_equals_unmasked_forward_and_backward(modality):
 def test_text_with_nothing_selected_equals_unmasked_pass():
     torch.manual_seed(0)
     tower = build_encoder(MODEL.text, MODEL.embed_dim)
-    objective = MaskedTextObjective(MaskedTextConfig(enabled=True, select_prob=0.0), MODEL.text)
+    objective = MaskedTextObjective(MaskedTextConfig(enabled=True, select_prob=0.0), tower)
     t = texts()
     features, corrupted, terms = objective(tower, t, torch.ones(4, dtype=torch.bool), gen(0))
     assert torch.equal(corrupted, t) and terms["masked_text_loss"] == 0
@@ -129,7 +130,7 @@ def test_mlm_corruption_statistics_and_loss_on_selected_only():
     torch.manual_seed(0)
     cfg = MaskedTextConfig(enabled=True)
     tower = build_encoder(MODEL.text, MODEL.embed_dim)
-    objective = MaskedTextObjective(cfg, MODEL.text)
+    objective = MaskedTextObjective(cfg, tower)
     t = torch.randint(1, 40000, (4000, MODEL.text.context_length), generator=gen(3))
     t[:, 0], t[:, -1] = SOT_TOKEN_ID, EOT_TOKEN_ID
     t[2000:, 5], t[2000:, 6:] = EOT_TOKEN_ID, 0  # half of them short: 4 ordinary tokens

@@ -31,6 +31,14 @@ class AudioTower(PatchTransformer):
         patch = (cfg.patch_freq, cfg.patch_time)
         self.conv1 = nn.Conv2d(1, cfg.width, kernel_size=patch, stride=patch, bias=False)
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.cfg.grid
+
+    @property
+    def patch_dim(self) -> int:
+        return self.cfg.patch_freq * self.cfg.patch_time
+
     def _crop(self, x: Tensor) -> Tensor:
         assert x.shape[-2:] == (self.cfg.n_mels, self.cfg.n_frames), f"spectrogram of shape {tuple(x.shape)}"
         return x[..., : self.cfg.grid[1] * self.cfg.patch_time]  # [B, F, t*patch_time]

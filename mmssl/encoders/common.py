@@ -19,7 +19,15 @@ class PatchTransformer(nn.Module):
     Subclasses turn their raw input into patch tokens (``embed_patches``); this class adds positions,
     keeps only the tokens named by ``keep`` (masked modelling), prepends a class token, runs the
     transformer and pools the class token into the shared space.
+
+    What the masked objectives read of a patch tower (timm towers offer the same): ``width``, ``grid``
+    (patches along each axis), ``patch_dim`` (values per patch), ``num_prefix_tokens`` (tokens before the
+    patches in ``forward_features``' output), ``token_based`` and ``patchify``.
     """
+
+    kind = "native"
+    token_based = True
+    num_prefix_tokens = 1  # the class token
 
     def __init__(
         self,

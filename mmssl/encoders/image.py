@@ -26,6 +26,15 @@ class ImageTower(PatchTransformer):
         self.cfg = cfg
         self.conv1 = nn.Conv2d(3, cfg.width, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=False)
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.cfg.image_size // self.cfg.patch_size
+        return side, side
+
+    @property
+    def patch_dim(self) -> int:
+        return 3 * self.cfg.patch_size**2
+
     def embed_patches(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W] -> [B, L, D]``: the patch convolution as one matmul over flattened patches
         (the same weights and result; about twice as fast as the convolution on CPU)."""

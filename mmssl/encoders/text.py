@@ -9,21 +9,45 @@ Axis legend: B batch, L context length, D width, E embedding, V vocabulary, H he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from einops import rearrange
 from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
-from mmssl.config import EOT_TOKEN_ID, TextTowerConfig
+from mmssl.config import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, TextTowerConfig
 from mmssl.encoders.attention import sdpa_transformer
 
 PAD_ID = 0  # open_clip's tokenizer pads with zeros
 
 
+@dataclass(frozen=True)
+class Vocabulary:
+    """The ids masked language modelling needs from a text tower's tokenizer."""
+
+    pad: int
+    special: tuple[int, ...]  # never selected nor corrupted (start, end, separator ...)
+    mask: int | None  # the [MASK] id; None: the tower cannot do masked language modelling
+    random_ids: tuple[int, int]  # [low, high): ids a selected token may be replaced with at random
+
+
+# open_clip's BPE: ordinary ids 1 .. SOT-1; [MASK] is the one id above the end-of-text id
+CLIP_VOCABULARY = Vocabulary(
+    pad=PAD_ID, special=(SOT_TOKEN_ID, EOT_TOKEN_ID), mask=MASK_TOKEN_ID, random_ids=(1, SOT_TOKEN_ID)
+)
+
+
 class TextTower(nn.Module):
+    """What the objectives read of a text tower (the Hugging Face tower offers the same): ``width``,
+    ``context_length``, ``vocab``, ``masked_lm_head()``; ``pool`` and ``forward_head`` take the ids."""
+
+    kind = "native"
+
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
+        self.width, self.context_length, self.vocab = cfg.width, cfg.context_length, CLIP_VOCABULARY
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
         self.transformer = sdpa_transformer(
@@ -67,3 +91,8 @@ class TextTower(nn.Module):
 
     def forward(self, text: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(text), text)
+
+    def masked_lm_head(self) -> nn.Module:
+        """A fresh head from token features to vocabulary logits, ``[..., D] -> [..., V]`` (BERT's shape)."""
+        w = self.cfg.width
+        return nn.Sequential(nn.Linear(w, w), nn.GELU(), LayerNorm(w), nn.Linear(w, self.cfg.vocab_size))

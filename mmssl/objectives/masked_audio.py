@@ -7,18 +7,14 @@ columns together). Every mode keeps exactly ``round(L * (1 - ratio))`` patches p
 
 from __future__ import annotations
 
-from mmssl.config import AudioTowerConfig, MaskedPatchConfig
+from mmssl.config import MaskedPatchConfig
+from mmssl.encoders import PatchTower
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 
 
 class MaskedAudioObjective(MaskedPatchObjective):
-    """AudioMAE on the audio tower: patches of ``patch_freq`` mel bands by ``patch_time`` frames."""
+    """AudioMAE on the audio tower (native or a timm ViT): patches of ``patch_freq`` mel bands by
+    ``patch_time`` frames."""
 
-    def __init__(self, cfg: MaskedPatchConfig, tower: AudioTowerConfig):
-        super().__init__(
-            cfg,
-            name="masked_audio",
-            width=tower.width,
-            grid=tower.grid,
-            patch_dim=tower.patch_freq * tower.patch_time,
-        )
+    def __init__(self, cfg: MaskedPatchConfig, tower: PatchTower):
+        super().__init__(cfg, name="masked_audio", tower=tower)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from mmssl.config import ImageTowerConfig, MaskedPatchConfig
+from mmssl.config import MaskedPatchConfig
+from mmssl.encoders import PatchTower
 from mmssl.objectives.masked_patches import MaskedPatchObjective
 
 
 class MaskedImageObjective(MaskedPatchObjective):
-    """MAE on the image tower: patches of ``patch_size`` pixels, 3 channels each."""
+    """MAE on the image tower (native or a timm ViT): patches of its patch size, 3 channels each."""
 
-    def __init__(self, cfg: MaskedPatchConfig, tower: ImageTowerConfig):
-        side = tower.image_size // tower.patch_size
-        super().__init__(
-            cfg, name="masked_image", width=tower.width, grid=(side, side), patch_dim=3 * tower.patch_size**2
-        )
+    def __init__(self, cfg: MaskedPatchConfig, tower: PatchTower):
+        super().__init__(cfg, name="masked_image", tower=tower)

@@ -5,7 +5,7 @@ its tokens back in place among mask tokens, adds decoder positions and predicts 
 patch; the loss is the mean squared error over the masked patches of the rows where the modality is
 present. Targets are normalised per patch by default (MAE's norm_pix).
 
-Axis legend: B batch, L patches, K kept, D encoder width, Dd decoder width, P values per patch.
+Axis legend: B batch, L patches, K kept, R the tower's prefix tokens (class, registers), D encoder width, Dd decoder width, P values per patch.
 """
 
 from __future__ import annotations
@@ -16,19 +16,25 @@ from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
 from mmssl.config import MaskedPatchConfig
+from mmssl.encoders import PatchTower
 from mmssl.encoders.attention import sdpa_transformer
-from mmssl.encoders.common import PatchTransformer
 from mmssl.objectives.masking import mask_from_keep, mask_scores, random_keep
 
 
 class MaskedPatchObjective(nn.Module):
-    def __init__(
-        self, cfg: MaskedPatchConfig, *, name: str, width: int, grid: tuple[int, int], patch_dim: int
-    ):
+    """On a token-based patch tower: its ``width``, ``grid`` and ``patch_dim`` size the decoder."""
+
+    def __init__(self, cfg: MaskedPatchConfig, *, name: str, tower: PatchTower):
         super().__init__()
+        if not tower.token_based:
+            raise ValueError(
+                f"objectives.{name}: MAE needs a token-based tower; model.{name.removeprefix('masked_')} "
+                f"({tower.cfg.timm_name}) has none (a timm VisionTransformer has)"
+            )
         self.cfg = cfg
         self.name = name
-        self.grid = grid
+        self.grid = grid = tower.grid
+        width, patch_dim = tower.width, tower.patch_dim
         num_patches = grid[0] * grid[1]
         dw = cfg.decoder_width
         self.decoder_embed = nn.Linear(width, dw)
@@ -52,7 +58,7 @@ class MaskedPatchObjective(nn.Module):
         full = self.decoder(full + self.decoder_pos)
         return self.decoder_pred(self.decoder_norm(full))  # [B, L, P]
 
-    def targets(self, tower: PatchTransformer, x: Tensor) -> Tensor:
+    def targets(self, tower: PatchTower, x: Tensor) -> Tensor:
         target = tower.patchify(x)  # [B, L, P]
         if self.cfg.norm_targets:
             mean = target.mean(dim=-1, keepdim=True)
@@ -61,13 +67,13 @@ class MaskedPatchObjective(nn.Module):
         return target
 
     def forward(
-        self, tower: PatchTransformer, x: Tensor, present: Tensor, generator: torch.Generator
+        self, tower: PatchTower, x: Tensor, present: Tensor, generator: torch.Generator
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One encoder pass on the visible patches. Returns its token features ``[B, 1 + K, D]`` (for the
-        pooled embedding) and ``{"<name>_loss", "<name>_ratio"}``."""
+        """One encoder pass on the visible patches. Returns its token features ``[B, R + K, D]`` (for
+        the pooled embedding) and ``{"<name>_loss", "<name>_ratio"}``."""
         keep = self.draw_keep(x.shape[0], generator, x.device)  # [B, K]
-        features = tower.forward_features(x, keep)  # [B, 1 + K, D]
-        pred = self.decode(features[:, 1:], keep)  # [B, L, P]
+        features = tower.forward_features(x, keep)  # [B, R + K, D]
+        pred = self.decode(features[:, tower.num_prefix_tokens :], keep)  # [B, L, P]
         per_patch = (pred - self.targets(tower, x)).pow(2).mean(dim=-1)  # [B, L]
         masked = mask_from_keep(keep, per_patch.shape[1])  # [B, L]
         weight = (masked & present[:, None]).to(per_patch.dtype)

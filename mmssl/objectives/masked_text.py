@@ -22,11 +22,10 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import repeat
-from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
-from mmssl.config import EOT_TOKEN_ID, MASK_TOKEN_ID, SOT_TOKEN_ID, MaskedTextConfig, TextTowerConfig
-from mmssl.encoders.text import PAD_ID, TextTower
+from mmssl.config import MaskedTextConfig
+from mmssl.encoders.text import TextTower, Vocabulary
 
 
 def selection_slots(context_length: int, select_prob: float) -> int:
@@ -34,17 +33,23 @@ def selection_slots(context_length: int, select_prob: float) -> int:
     return max(1, math.ceil(select_prob * (context_length - 2)))
 
 
+def ordinary_tokens(text: Tensor, vocab: Vocabulary) -> Tensor:
+    """``[B, L]`` bool: the tokens that are neither padding nor special."""
+    special = torch.tensor(vocab.special, dtype=text.dtype, device=text.device)
+    return (text != vocab.pad) & ~torch.isin(text, special)
+
+
 class MaskedTextObjective(nn.Module):
-    def __init__(self, cfg: MaskedTextConfig, tower: TextTowerConfig):
+    """On any text tower offering ``vocab``, ``context_length`` and ``masked_lm_head()``: the native
+    tower's head is fresh, a Hugging Face tower's is its model's own masked-LM head."""
+
+    def __init__(self, cfg: MaskedTextConfig, tower: TextTower):
         super().__init__()
         self.cfg = cfg
+        self.vocab = tower.vocab
+        assert self.vocab.mask is not None, "the text tower has no [MASK] id"
         self.slots = selection_slots(tower.context_length, cfg.select_prob)
-        self.head = nn.Sequential(
-            nn.Linear(tower.width, tower.width),
-            nn.GELU(),
-            LayerNorm(tower.width),
-            nn.Linear(tower.width, tower.vocab_size),
-        )
+        self.head = tower.masked_lm_head()
 
     def corrupt(self, text: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids ``[B, L]`` -> corrupted ids ``[B, L]``, slot positions ``[B, K]`` and which slots are
@@ -56,7 +61,7 @@ class MaskedTextObjective(nn.Module):
         assert text.shape[1] >= self.slots, (
             f"text of {text.shape[1]} tokens has fewer than {self.slots} slots"
         )
-        ordinary = (text != PAD_ID) & (text != SOT_TOKEN_ID) & (text != EOT_TOKEN_ID)  # [B, L]
+        ordinary = ordinary_tokens(text, self.vocab)  # [B, L]
         count = torch.floor(self.cfg.select_prob * ordinary.sum(dim=1) + rand(text.shape[0]))  # [B]
         scores = rand(*text.shape).masked_fill_(~ordinary, 2.0)  # ordinary tokens (< 1) come first
         positions = scores.topk(self.slots, dim=1, largest=False).indices  # [B, K], random order
@@ -65,8 +70,9 @@ class MaskedTextObjective(nn.Module):
         u = rand(*text.shape)
         to_mask = selected & (u < self.cfg.mask_prob)
         to_random = selected & (u >= self.cfg.mask_prob) & (u < self.cfg.mask_prob + self.cfg.random_prob)
-        random_ids = (rand(*text.shape) * (SOT_TOKEN_ID - 1)).long() + 1  # ordinary BPE ids 1 .. SOT-1
-        corrupted = torch.where(to_mask, MASK_TOKEN_ID, torch.where(to_random, random_ids, text))
+        low, high = self.vocab.random_ids
+        random_ids = (rand(*text.shape) * (high - low)).long() + low  # [B, L], in [low, high)
+        corrupted = torch.where(to_mask, self.vocab.mask, torch.where(to_random, random_ids, text))
         return corrupted, positions, chosen
 
     def forward(
@@ -84,6 +90,6 @@ class MaskedTextObjective(nn.Module):
         ce = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [B*K]
         weight = (chosen & present[:, None]).flatten().to(ce.dtype)  # [B*K]
         loss = (ce * weight).sum() / weight.sum().clamp(min=1)
-        ordinary = (text != PAD_ID) & (text != SOT_TOKEN_ID) & (text != EOT_TOKEN_ID) & present[:, None]
+        ordinary = ordinary_tokens(text, self.vocab) & present[:, None]
         ratio = (weight.sum() / ordinary.sum().clamp(min=1)).detach()
         return features, corrupted, {"masked_text_loss": loss, "masked_text_ratio": ratio}
