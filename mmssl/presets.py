@@ -2,7 +2,8 @@
 smaller ones and change only what differs. ``tiny`` trains on CPU in seconds (tests, the demo),
 ``small`` in minutes (CPU benchmarks); ``base`` and ``large`` are GPU-scale (ViT-B/16 and ViT-L/14 class).
 Each has a ``*_masked`` twin with every masked objective on besides the contrastive one; ``tiny`` and
-``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE.
+``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE, and a
+``*_distill`` twin: ``*_masked`` plus self-distillation from an EMA teacher.
 """
 
 from __future__ import annotations
@@ -150,6 +151,26 @@ def small_siglip() -> RunConfig:
     return with_siglip(small())
 
 
+def with_distillation(cfg: RunConfig, *, name: str, top_k: int) -> RunConfig:
+    """A ``*_masked`` run plus self-distillation from an EMA teacher on every masked tower (data2vec 2.0
+    targets from the teacher's last ``top_k`` blocks; ``objectives.distill``)."""
+    d = cfg.objectives.distill
+    d.enabled, d.top_k = True, top_k
+    masked = cfg.objectives.masked_image
+    d.decoder_width, d.decoder_depth, d.decoder_heads = masked.decoder_width, 1, masked.decoder_heads
+    d.collapse_warmup_steps = cfg.train.steps // 3
+    cfg.preset, cfg.run_dir = name, f"runs/{name}"
+    return cfg
+
+
+def tiny_distill() -> RunConfig:
+    return with_distillation(tiny_masked(), name="tiny_distill", top_k=2)
+
+
+def small_distill() -> RunConfig:
+    return with_distillation(small_masked(), name="small_distill", top_k=3)
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "small": small,
@@ -161,6 +182,8 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "large_masked": large_masked,
     "tiny_siglip": tiny_siglip,
     "small_siglip": small_siglip,
+    "tiny_distill": tiny_distill,
+    "small_distill": small_distill,
 }
 
 
