@@ -223,3 +223,20 @@ def test_collapse_guard_stops_a_run_and_export_teacher_writes_the_teachers_tower
     teacher = saved_teacher(run_dir / "checkpoints")
     assert set(teacher) < set(exported)
     assert all(torch.equal(exported[k], v) for k, v in teacher.items())
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["objectives.distill.enabled=true"], "objectives.distill.enabled but no masked objective is on"),
+        (["objectives.distill.modalities=[\"image\"]", "objectives.masked_image.enabled=false"],
+         "set objectives.masked_image.enabled=true"),
+        (["objectives.distill.top_k=3"], "objectives.distill.top_k=3 exceeds model.image.depth=2"),
+        (["objectives.distill.momentum_end=1.5"], "objectives.distill.momentum_end must be in [0, 1]"),
+        (["objectives.distill.modalities=[\"video\"]"], "objectives.distill.modalities[0]: 'video'"),
+    ],
+)  # fmt: skip
+def test_config_mistakes_name_the_field(overrides, message):
+    preset = "tiny" if overrides == ["objectives.distill.enabled=true"] else "tiny_distill"
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        apply_overrides(get_preset(preset), overrides).validate()
