@@ -6,9 +6,12 @@
    (c) as (b) plus a second, unmasked pass for the contrastive loss;
    (d) as (a) plus the view objectives of every tower (a second image / clip view from the loader, a
        second dropout pass of each caption, model.text.dropout=0.1);
-   (e) as (b) plus the view objectives (each second view masked like the first).
-   Variants alternate round by round; medians are compared: b/a and c/a (target b/a <= 1.0), and what
-   the views cost: d/a and e/b.
+   (e) as (b) plus the view objectives (each second view masked like the first);
+   (f) as (b) plus self-distillation from an EMA teacher (``{preset}_distill``: one teacher forward
+       without gradients per tower, light decoders, and the fused EMA update after the optimizer step,
+       timed on its own too).
+   Variants alternate round by round; medians are compared: b/a and c/a (target b/a <= 1.0), what
+   the views cost: d/a and e/b, and what distillation costs: f/b and the EMA update's share.
 2. Linear-probe accuracy of frozen embeddings (logistic regression on the demo labels, train split ->
    test split) after the same number of training steps for every variant: with and without the masked
    objectives, (c) with them but contrasting unmasked inputs, (d, e) with view objectives.
@@ -45,6 +48,7 @@ VARIANTS = {
     "c: + masked, extra unmasked pass": ("{preset}_masked", ["objectives.unmasked_contrastive_pass=true"]),
     "d: + views": ("{preset}", VIEWS),
     "e: + masked, one pass, + views": ("{preset}_masked", VIEWS),
+    "f: + masked, one pass, + distill": ("{preset}_distill", []),
 }
 
 
@@ -57,13 +61,16 @@ def config(preset: str, overrides: list[str], shards: Path, batch: int) -> RunCo
 
 def step_times(
     cfgs: dict[str, RunConfig], batches: list[dict], rounds: int, steps: int
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Seconds per step of each variant, and of the EMA teacher's update alone (the distill variant's,
+    run after its optimizer step as the engine runs it, and counted in its step too)."""
     torch.manual_seed(0)
     setups = {}
     for name, cfg in cfgs.items():
         task = Task(cfg)
         setups[name] = (task, engine.build_optimizer(task, cfg))  # mmssl's AdamW (fused on CPU)
     times: dict[str, list[float]] = {name: [] for name in cfgs}
+    ema: list[float] = []
     bar = tqdm(total=rounds * len(cfgs), desc="step time", unit="round")
     for r in range(rounds):
         for name, (task, optimizer) in setups.items():
@@ -73,11 +80,16 @@ def step_times(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if task.teacher is not None:
+                    ema_start = time.perf_counter()
+                    task.teacher.update(task.teacher.student_parameters(task.model))
+                    if i >= 2:
+                        ema.append(time.perf_counter() - ema_start)
                 if i >= 2:
                     times[name].append(time.perf_counter() - start)
             bar.update(1)
     bar.close()
-    return times
+    return times, ema
 
 
 def train_and_probe(cfg: RunConfig, steps: int, desc: str) -> dict:
@@ -121,7 +133,7 @@ def main() -> None:
     loader = iter(data.loader(cfgs["e: + masked, one pass, + views"], train=True))  # with second views
     batches = [next(loader) for _ in range(4)]
     del loader
-    times = step_times(cfgs, batches, args.rounds, args.steps)
+    times, ema = step_times(cfgs, batches, args.rounds, args.steps)
     medians = {name: statistics.median(t) for name, t in times.items()}
     base = medians["a: contrastive only"]
 
@@ -139,6 +151,14 @@ def main() -> None:
     d_a = medians["d: + views"] / base
     e_b = medians["e: + masked, one pass, + views"] / medians["b: + masked, one pass"]
     print(f"views cost: d/a = {d_a:.2f} (contrastive only), e/b = {e_b:.2f} (masked, one pass)")
+    distill = medians["f: + masked, one pass, + distill"]
+    f_b = distill / medians["b: + masked, one pass"]
+    ema_ms = 1000 * statistics.median(ema)
+    teacher = sum(p.numel() for p in Task(cfgs["f: + masked, one pass, + distill"]).teacher.parameters())
+    print(
+        f"distillation cost: f/b = {f_b:.2f}; its EMA update (one fused lerp over {teacher / 1e6:.2f}M "
+        f"teacher parameters) {ema_ms:.2f} ms/step = {ema_ms / (1000 * distill):.1%} of its step"
+    )
     if probes:
         print(f"\nlinear probe after {args.probe_steps} steps (top-1 on the test split)")
         modalities = sorted(next(iter(probes.values())))
@@ -155,6 +175,8 @@ def main() -> None:
                 "c/a": c_a,
                 "d/a": d_a,
                 "e/b": e_b,
+                "f/b": f_b,
+                "ema_update_ms": ema_ms,
                 "probe": probes,
             },  # fmt: skip
             indent=2,

@@ -11,6 +11,7 @@ its optimizer step (``mmssl.memory.rank_state_bytes``: each storage once, in ful
     master   fp32 partitions the optimizer steps, where they are a copy of the weights
     Adam     the optimizer's two moments (and step counters)
     other    any further tensor the engine holds (ZeRO-3's reduce bucket); nothing else goes uncounted
+    teacher  the EMA teacher of a *_distill preset (whole, fp32, on every rank; see mmssl/engine.py)
 
 "at step" is the largest total seen inside the optimizer step (ZeRO flattens gradients there);
 "peak RSS" is the rank's high-water mark of resident memory (imports and activations included).
@@ -27,6 +28,7 @@ runs/bench_memory/ (results.json, table.md, per-rank records and logs).
 
     .venv/bin/python benchmarks/bench_memory.py                      # small and base: ~15-20 min here
     .venv/bin/python benchmarks/bench_memory.py --presets small --ranks 1 2
+    .venv/bin/python benchmarks/bench_memory.py --presets small_masked small_distill --stages 2 3 --ranks 2
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
-KINDS = ("params", "grads", "master", "optim", "other")
+KINDS = ("params", "grads", "master", "optim", "other", "teacher")
 MICRO_BATCH = {"tiny": 2, "small": 2}  # larger presets: 1 (a base step is ~10 s of CPU per sample)
 
 # Planning a launch's memory. A rank's peak resident memory is its overhead (interpreter, torch,
@@ -331,7 +333,7 @@ def mib(x: float | None) -> str:
 def table(results: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) -> str:
     """A markdown table per preset; sizes are MiB per rank (the largest over ranks)."""
     head = (
-        "| ZeRO | ranks | params | grads | master | Adam | other | total | vs 1 rank | params / grads / optim "
+        "| ZeRO | ranks | params | grads | master | Adam | other | teacher | total | vs 1 rank | params / grads / optim "
         "| textbook fp32 | DeepSpeed est. | at step | peak RSS |"
     )
     lines = []
@@ -350,7 +352,7 @@ def table(results: list[dict[str, Any]], facts: dict[str, dict[str, Any]]) -> st
             stage, n = r["stage"], r["world_size"]
             expected = [mib(textbook_fp32(p, stage, n)), mib(f["ds_estimate"][n].get(stage))]
             if r["status"] != "ok":  # the reason under "params", the expectations in their columns
-                cells = [f"{r['status']}: {r['reason']}"] + [""] * 7 + expected + ["", ""]
+                cells = [f"{r['status']}: {r['reason']}"] + [""] * 8 + expected + ["", ""]
                 lines.append(f"| {stage} | {n} | " + " | ".join(cells) + " |")
                 continue
             s = r["summary"]

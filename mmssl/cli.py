@@ -311,7 +311,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from mmssl.export import export, format_export_summary
 
     with user_errors():
-        summary = export(args.checkpoint, args.out)
+        summary = export(args.checkpoint, args.out, teacher=args.teacher)
     print(format_export_summary(summary))
     return 0
 
@@ -422,6 +422,11 @@ def parser() -> argparse.ArgumentParser:
         "checkpoint", help="a run directory, its checkpoints/ folder or one checkpoint (any ZeRO stage)"
     )
     x.add_argument("--out", required=True, help="the export folder")
+    x.add_argument(
+        "--teacher",
+        action="store_true",
+        help="export the EMA teacher's towers (objectives.distill) in place of the student's distilled ones",
+    )
     x.set_defaults(func=cmd_export)
 
     s = sub.add_parser(

@@ -386,6 +386,50 @@ class ViewsConfig:
 
 
 @dataclass(kw_only=True)
+class DistillConfig:
+    """Self-distillation from an EMA teacher, data2vec 2.0 style (``mmssl/objectives/distill.py``): a
+    teacher copy of the towers (fp32, no gradients) follows the student as an exponential moving average
+    after every optimizer step; it sees each unmasked input, and the average of its last ``top_k``
+    blocks' outputs (each instance-normalised over tokens) is regressed by the student at the masked
+    positions of the shared masked pass, through a light decoder. A modality distils when its masked
+    objective is on (its weight may be 0: the masked pass is what distillation rides on)."""
+
+    enabled: bool = False
+    loss: LossWeight = field(default_factory=LossWeight)
+    modalities: tuple[str, ...] = ()  # empty: every tower whose masked objective is on
+    top_k: int = 2  # teacher blocks averaged into the target (data2vec 2.0: 8-12 of 12)
+    # teacher momentum m (teacher <- m * teacher + (1 - m) * student), from start to end over
+    # anneal_steps optimizer steps (0: the whole run), then constant
+    momentum_start: float = 0.999
+    momentum_end: float = 0.9999
+    momentum_schedule: Literal["linear", "cosine"] = "linear"
+    anneal_steps: int = 0
+    decoder_width: int = 64  # the patch towers' light decoder (text: a two-layer head at the tower width)
+    decoder_depth: int = 1
+    decoder_heads: int = 2
+    # collapse guard (checked on logging steps after collapse_warmup_steps): stop when the variance of
+    # the targets or of the predictions (over masked tokens, per channel, averaged) falls below these
+    min_target_var: float = 0.01
+    min_pred_var: float = 0.001
+    collapse_warmup_steps: int = 100
+
+    def validate(self, path: str) -> None:
+        self.loss.validate(f"{path}.loss")
+        _positive(self, path, "top_k", "decoder_width", "decoder_depth", "decoder_heads")
+        for name in ("momentum_start", "momentum_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{path}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(f"{path}.decoder_width={self.decoder_width} is not divisible by decoder_heads")
+        for name in ("anneal_steps", "collapse_warmup_steps", "min_target_var", "min_pred_var"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name} must be >= 0, got {getattr(self, name)}")
+        for i, modality in enumerate(self.modalities):
+            if modality not in MODALITIES:
+                raise ValueError(f"{path}.modalities[{i}]: {modality!r} is not one of {list(MODALITIES)}")
+
+
+@dataclass(kw_only=True)
 class ObjectivesConfig:
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     masked_image: MaskedPatchConfig = field(default_factory=MaskedPatchConfig)
@@ -399,9 +443,11 @@ class ObjectivesConfig:
     # FLIP's unmasked tuning: the last N steps of training switch every masked objective off, so the
     # towers see whole inputs (and only the contrastive loss trains them) before they are evaluated
     unmasked_tuning_steps: int = 0
+    # self-distillation from an EMA teacher at the masked positions; see DistillConfig
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def validate(self, path: str = "objectives") -> None:
-        for name in ("contrastive", "masked_image", "masked_text", "masked_audio", "views"):
+        for name in ("contrastive", "masked_image", "masked_text", "masked_audio", "views", "distill"):
             getattr(self, name).validate(f"{path}.{name}")
         if self.unmasked_tuning_steps < 0:
             raise ValueError(f"{path}.unmasked_tuning_steps must be >= 0, got {self.unmasked_tuning_steps}")
@@ -590,6 +636,7 @@ class RunConfig:
                 "set objectives.unmasked_contrastive_pass=false"
             )
         self._validate_views()
+        self._validate_distill()
         if self.engine.offload_params and self.engine.zero_stage not in (None, 3):
             raise ValueError(
                 f"engine.offload_params needs ZeRO stage 3, got engine.zero_stage={self.engine.zero_stage}"
@@ -622,6 +669,46 @@ class RunConfig:
                     f"objectives.masked_text needs model.text.vocab_size > {MASK_TOKEN_ID} (one id for [MASK])"
                 )
         return self
+
+    def _validate_distill(self) -> None:
+        d = self.objectives.distill
+        if not d.enabled:
+            return
+        for modality in d.modalities:
+            if getattr(self.model, modality) is None:
+                raise ValueError(
+                    f"objectives.distill.modalities names {modality!r} but model.{modality} is off"
+                )
+            if not self.objectives.masked(modality).enabled:
+                raise ValueError(
+                    f"objectives.distill.modalities names {modality!r}: distillation rides on the masked pass, "
+                    f"set objectives.masked_{modality}.enabled=true (its loss.weight may be 0)"
+                )
+        if not self.distilled_modalities():
+            raise ValueError(
+                "objectives.distill.enabled but no masked objective is on: distillation rides on the masked "
+                "pass (e.g. objectives.masked_image.enabled=true, or the tiny_distill preset)"
+            )
+        for modality in self.distilled_modalities():
+            if getattr(self.model, modality).kind != "native":
+                raise ValueError(
+                    f"objectives.distill trains model.{modality} but its kind is "
+                    f"{getattr(self.model, modality).kind!r}: the EMA teacher reads the blocks of mmssl's native "
+                    f"towers; use model.{modality}.kind=native or name other towers in objectives.distill.modalities"
+                )
+            depth = getattr(self.model, modality).depth
+            if d.top_k > depth:
+                raise ValueError(
+                    f"objectives.distill.top_k={d.top_k} exceeds model.{modality}.depth={depth} blocks"
+                )
+
+    def distilled_modalities(self) -> tuple[str, ...]:
+        """The towers distillation trains: its named ones, or every tower whose masked objective is on."""
+        d = self.objectives.distill
+        if not d.enabled:
+            return ()
+        named = d.modalities or self.model.modalities
+        return tuple(m for m in self.model.modalities if m in named and self.objectives.masked(m).enabled)
 
     def _validate_views(self) -> None:
         for modality in self.objectives.views.enabled():

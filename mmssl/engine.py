@@ -7,6 +7,7 @@ accelerator and backend by itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -245,6 +247,12 @@ class Engine:
         self.ds_config = cap_buckets(resolve_ds_config(cfg, info.world_size), task)
         if cfg.engine.compile:
             compile_trunks(task)
+        # the EMA teacher (objectives.distill) starts as the student does, after any init_from; it is no
+        # submodule of the task, so DeepSpeed neither partitions, casts nor checkpoints it (see update_teacher)
+        self.teacher = getattr(task, "teacher", None)
+        if self.teacher is not None:
+            self.teacher.copy_from(self.teacher.student_parameters(task.model))
+            self.teacher.to(info.device)
         optimizer = build_optimizer(task, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -314,7 +322,45 @@ class Engine:
             return "skipped"
         self.ds.step()
         apply_bounds(self.bounds)
+        self.update_teacher()
         return "stepped"
+
+    def _student_for_teacher(self) -> contextlib.AbstractContextManager[list[Tensor]]:
+        """The student parameters the teacher follows, whole: under ZeRO-3 gathered from every rank for
+        the duration (read-only, one all-gather of the distilled towers), else the module's own."""
+        assert self.teacher is not None
+        params = self.teacher.student_parameters(self.module.model)
+        if self.zero_stage != 3:
+            return contextlib.nullcontext(params)
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+
+        @contextlib.contextmanager
+        def whole() -> Iterator[list[Tensor]]:
+            with gathered:
+                yield params
+
+        return whole()
+
+    def update_teacher(self) -> None:
+        """The EMA step of the teacher after an optimizer step (and the temperature clamp), on every rank.
+
+        Under ZeRO-3 the teacher stays a plain, unpartitioned fp32 module and the student's partitions
+        are gathered for the update, rather than partitioning the teacher like the student: its forward
+        needs whole weights anyway (a partitioned teacher would be gathered for every forward instead, the
+        same all-gather per step), the update stays one fused lerp over whole tensors with no rank
+        bookkeeping, and the teacher stays out of DeepSpeed (no bf16 cast, no optimizer, no frozen-
+        parameter path through ZeRO's checkpoints). The price is memory: 4 bytes per teacher parameter
+        on every rank (benchmarks/bench_memory.py measures it), against ZeRO-3's 16/W per student one."""
+        if self.teacher is None:
+            return
+        with self._student_for_teacher() as student:
+            self.teacher.update(student)
+
+    def reset_teacher(self) -> None:
+        """Set the teacher to the student's current weights (a checkpoint written without one)."""
+        assert self.teacher is not None
+        with self._student_for_teacher() as student:
+            self.teacher.copy_from(student)
 
     def _skip_step(self) -> None:
         """End the window without an update, through DeepSpeed's own overflow path (the one its fp16 loss
@@ -392,6 +438,8 @@ class Engine:
         ``latest`` naming a complete checkpoint. Then all but the newest ``keep_last`` are deleted."""
         tag = f"step_{step:08d}"
         ckpt_dir = Path(ckpt_dir)
+        if self.teacher is not None:  # the same on every rank; in the client state beside the module's
+            client_state = {**client_state, TEACHER_KEY: self.teacher.state_dict()}
         self.ds.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
         hold_for_fault_drill(ckpt_dir / tag, step, self.info.rank)
         barrier()
@@ -413,10 +461,32 @@ class Engine:
         path, client_state = self.ds.load_checkpoint(str(ckpt_dir), tag=tag)
         if path is None:
             raise FileNotFoundError(f"no checkpoint to resume from in {ckpt_dir} (tag {tag or 'latest'})")
+        teacher = client_state.pop(TEACHER_KEY, None)
+        if self.teacher is not None:
+            if teacher is None:  # distillation switched on for a run that had none: start from the student
+                self.reset_teacher()
+                client_state["teacher_from_student"] = True
+            else:
+                self.teacher.load_state_dict(teacher)
         return client_state
 
 
 HOLD_SAVE_ENV = "MMSSL_FAULT_HOLD_SAVE_AT"
+TEACHER_KEY = "distill_teacher"  # the EMA teacher's state in a checkpoint's client state
+
+
+def saved_teacher(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
+    """The EMA teacher's weights ``{"<modality>.<name>": tensor}`` (fp32, whole) saved in a checkpoint,
+    read from rank 0's model-states file (every rank saves the same teacher)."""
+    tag = tag or latest_tag(ckpt_dir)
+    folder = Path(ckpt_dir) / tag
+    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
+    if not files:
+        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states file")
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    if TEACHER_KEY not in state:
+        raise ValueError(f"{folder} holds no EMA teacher: the run was trained without objectives.distill")
+    return state[TEACHER_KEY]["towers"]
 
 
 def hold_for_fault_drill(folder: Path, step: int, rank: int) -> None:

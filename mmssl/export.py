@@ -156,9 +156,27 @@ def copy_hf_files(cfg: RunConfig, dest: Path) -> RunConfig:
     return cfg
 
 
-def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write the export folder for a run / checkpoint (any ZeRO stage) / export; returns a summary."""
+def teacher_towers(path: str | Path) -> dict[str, Tensor]:
+    """The EMA teacher's towers (``objectives.distill``) saved in a run's checkpoint, keyed as the model's
+    state dict (``image.*``, ...)."""
+    from mmssl import engine  # imports DeepSpeed: only when a DeepSpeed checkpoint is read
+    from mmssl.checkpoint import is_export, resolve
+
+    if is_export(path):
+        raise ValueError(f"--teacher: {path} is an export folder; the teacher lives in a run's checkpoints")
+    _, ckpt_dir, tag = resolve(path)
+    return engine.saved_teacher(ckpt_dir, tag)
+
+
+def export(path: str | Path, out_dir: str | Path, *, teacher: bool = False) -> dict[str, Any]:
+    """Write the export folder for a run / checkpoint (any ZeRO stage) / export; returns a summary. With
+    ``teacher`` the distilled towers are the EMA teacher's (the others, and the logit scales, the student's)."""
     ckpt = load(path)
+    towers = teacher_towers(path) if teacher else {}
+    if teacher:
+        unexpected = ckpt.model.load_state_dict(towers, strict=False).unexpected_keys
+        assert not unexpected, unexpected  # the teacher's towers are the model's, by construction
+        ckpt.source += " (EMA teacher)"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = contiguous_copy(ckpt.model.state_dict())
@@ -181,6 +199,8 @@ def export(path: str | Path, out_dir: str | Path) -> dict[str, Any]:
         "logit_scales": {k: math.exp(v) for k, v in ckpt.log_logit_scales.items()},
         "logit_biases": ckpt.logit_biases,
     }
+    if teacher:
+        summary["teacher_towers"] = sorted({k.split(".", 1)[0] for k in towers})
     reason = open_clip_incompatibility(ckpt.cfg)
     if reason is None:
         oc_dir = out / OPEN_CLIP_DIR

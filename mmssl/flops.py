@@ -1,7 +1,8 @@
 """Model FLOPs per sample from the config's shapes, and the peak they are measured against (MFU).
 
 Counted: every matmul and convolution of the towers, the masked-objective decoders and heads, the
-view objectives' second passes, heads and logits, and the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
+view objectives' second passes, heads and logits, the distillation teacher's pass (forward only) and
+decoders, and the contrastive logits, forward and backward (backward = 2 x forward, except the patch convolutions,
 whose input is data and needs no gradient: 1 x forward). Masked passes count at their
 real size: an MAE encoder sees ``K + 1`` tokens, not ``L + 1``; the MLM head runs on its fixed
 number of selection slots per caption. A timm or Hugging Face tower is counted by torch's FLOP counter
@@ -188,6 +189,33 @@ def forward_flops_per_sample(
     pairs = len(o.contrastive.pair_names(m.modalities))
     parts["contrastive"] = pairs * 2 * global_batch * e  # one [B, N] logit matmul per pair, per row
     parts.update(views_flops_per_sample(cfg, global_batch, text_tokens))
+    parts.update(distill_flops_per_sample(cfg, text_tokens))
+    return parts
+
+
+def distill_flops_per_sample(cfg: RunConfig, text_tokens: int | None) -> dict[str, float]:
+    """Forward FLOPs of self-distillation: the teacher's pass over each whole input (``distill_teacher_*``:
+    no backward) and the student's decoder (patch towers) or head (text) on the masked positions."""
+    m, d = cfg.model, cfg.objectives.distill
+    parts: dict[str, float] = {}
+    for name in cfg.distilled_modalities():
+        tower = getattr(m, name)
+        if name == "text":
+            tokens = text_tokens or tower.context_length
+            parts["distill_teacher_text"] = transformer_flops(
+                tokens, tower.width, tower.depth, tower.mlp_ratio
+            )
+            slots = selection_slots(tower.context_length, cfg.objectives.masked_text.select_prob)
+            parts["distill_text"] = slots * 2 * (2 * tower.width * tower.width)
+            continue
+        patches = tower_tokens(cfg)[name]
+        patch_dim = 3 * tower.patch_size**2 if name == "image" else tower.patch_freq * tower.patch_time
+        teacher = transformer_flops(patches + 1, tower.width, tower.depth, tower.mlp_ratio)
+        parts[f"distill_teacher_{name}"] = teacher + 2 * patches * patch_dim * tower.width
+        k = keep_count(patches, cfg.objectives.masked(name).mask_ratio)
+        dw = d.decoder_width
+        decoder = 2 * k * tower.width * dw + transformer_flops(patches, dw, d.decoder_depth, 4.0)
+        parts[f"distill_{name}"] = decoder + 2 * patches * dw * tower.width
     return parts
 
 
@@ -221,9 +249,13 @@ def views_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int |
 
 
 def train_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int | None = None) -> float:
-    """Forward + backward FLOPs per training sample."""
+    """Forward + backward FLOPs per training sample (the EMA teacher's pass: forward only)."""
     parts = forward_flops_per_sample(cfg, global_batch, text_tokens)
-    return sum((2.0 if name.endswith("_patch_embed") else 3.0) * v for name, v in parts.items())
+
+    def passes(name: str) -> float:
+        return 1.0 if name.startswith("distill_teacher_") else 2.0 if name.endswith("_patch_embed") else 3.0
+
+    return sum(passes(name) * v for name, v in parts.items())
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.

@@ -95,7 +95,9 @@ def rank_state_bytes(eng: Engine) -> dict[str, Any]:
     - ``master``: the fp32 partitions the inner optimizer steps, where they are a separate copy;
     - ``optim``: the inner optimizer's state (Adam's two moments and step counters);
     - ``other``: any further tensor the DeepSpeed engine or its ZeRO optimizer holds (``other_top`` names
-      the largest, e.g. communication buckets).
+      the largest, e.g. communication buckets);
+    - ``teacher``: the EMA teacher's weights (``objectives.distill``), which the engine keeps beside
+      DeepSpeed's state.
 
     Each storage counts once, in full, under the first kind in that order that reaches it, so parameters
     and gradients that are views into DeepSpeed's flat buffers are not counted twice."""
@@ -111,7 +113,10 @@ def rank_state_bytes(eng: Engine) -> dict[str, Any]:
     found = _other_tensors(eng, seen)
     out["other"] = sum(nbytes for _, nbytes in found.values())
     out["other_top"] = sorted(found.values(), key=lambda item: -item[1])[:3]
-    out["total"] = sum(out[k] for k in (*KINDS, "other"))
+    # the EMA teacher (objectives.distill): outside DeepSpeed, whole and fp32 on every rank
+    teacher = eng.teacher.parameters() if eng.teacher is not None else []
+    out["teacher"] = sum(t.untyped_storage().nbytes() for t in teacher)
+    out["total"] = sum(out[k] for k in (*KINDS, "other", "teacher"))
     return out
 
 

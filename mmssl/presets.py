@@ -3,8 +3,9 @@ smaller ones and change only what differs. ``tiny`` trains on CPU in seconds (te
 ``small`` in minutes (CPU benchmarks); ``base`` and ``large`` are GPU-scale (ViT-B/16 and ViT-L/14 class).
 Each has a ``*_masked`` twin with every masked objective on besides the contrastive one; ``tiny`` and
 ``small`` have a ``*_siglip`` twin training every pair with the sigmoid loss instead of InfoNCE, a
-``*_timm`` twin with timm ViTs as image and audio towers (the same sizes) and a ``*_hf`` twin with a
-local Hugging Face text encoder (``model.text.hf_path=DIR``).
+``*_distill`` twin (``*_masked`` plus self-distillation from an EMA teacher), a ``*_timm`` twin with
+timm ViTs as image and audio towers (the same sizes) and a ``*_hf`` twin with a local Hugging Face
+text encoder (``model.text.hf_path=DIR``).
 """
 
 from __future__ import annotations
@@ -194,6 +195,26 @@ def small_hf() -> RunConfig:
     return with_hf_text(small())
 
 
+def with_distillation(cfg: RunConfig, *, name: str, top_k: int) -> RunConfig:
+    """A ``*_masked`` run plus self-distillation from an EMA teacher on every masked tower (data2vec 2.0
+    targets from the teacher's last ``top_k`` blocks; ``objectives.distill``)."""
+    d = cfg.objectives.distill
+    d.enabled, d.top_k = True, top_k
+    masked = cfg.objectives.masked_image
+    d.decoder_width, d.decoder_depth, d.decoder_heads = masked.decoder_width, 1, masked.decoder_heads
+    d.collapse_warmup_steps = cfg.train.steps // 3
+    cfg.preset, cfg.run_dir = name, f"runs/{name}"
+    return cfg
+
+
+def tiny_distill() -> RunConfig:
+    return with_distillation(tiny_masked(), name="tiny_distill", top_k=2)
+
+
+def small_distill() -> RunConfig:
+    return with_distillation(small_masked(), name="small_distill", top_k=3)
+
+
 PRESETS: dict[str, Callable[[], RunConfig]] = {
     "tiny": tiny,
     "small": small,
@@ -209,6 +230,8 @@ PRESETS: dict[str, Callable[[], RunConfig]] = {
     "small_timm": small_timm,
     "tiny_hf": tiny_hf,
     "small_hf": small_hf,
+    "tiny_distill": tiny_distill,
+    "small_distill": small_distill,
 }
 
 

@@ -18,6 +18,11 @@ are off: each tower sees its whole input once, only the contrastive loss (and an
 trains, the masked losses are absent from the output (nothing was reconstructed: a 0 would read as a
 perfect reconstruction) and the mask ratios are 0, so the logs show the switch.
 
+Self-distillation (``objectives.distill``) rides on the masked pass of each tower it trains: the
+masked objective's mask (or text corruption) is drawn here first and shared, the EMA teacher (a plain
+attribute, not a submodule) computes its targets from the whole input under ``no_grad``, and the
+student's masked features are regressed onto them (mmssl/objectives/distill.py).
+
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
 so a weight never hides a term from the logs. Cached accumulation (mmssl/accumulate.py) uses the
 pieces separately: the towers' pass (:meth:`Task.encode`), the contrastive loss over a whole window,
@@ -41,6 +46,8 @@ from mmssl.lock import lock_towers
 from mmssl.model import MultimodalModel
 from mmssl.objectives import (
     ContrastiveObjective,
+    DistillObjective,
+    EmaTeacher,
     MaskedAudioObjective,
     MaskedImageObjective,
     MaskedTextObjective,
@@ -90,6 +97,17 @@ class Task(nn.Module):
         )
         # any tower with dropout (the native text tower's, a timm or Hugging Face model's own)
         self.dropout = any(isinstance(x, nn.Dropout) and x.p > 0 for x in self.model.modules())
+        # self-distillation, built after the views for the same reason; the teacher is a plain attribute,
+        # not a submodule: DeepSpeed must not partition, cast or step it (mmssl/objectives/distill.py)
+        self.distilled = cfg.distilled_modalities()
+        self.distill = DistillObjective(o.distill, m, self.distilled) if self.distilled else None
+        self.teacher = (
+            EmaTeacher(
+                {name: getattr(self.model, name) for name in self.distilled}, o.distill, cfg.train.steps
+            )
+            if self.distilled
+            else None
+        )
 
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
@@ -154,7 +172,8 @@ class Task(nn.Module):
         o = self.cfg.objectives
         for modality in self.model.modalities:
             for name, weight in ((f"masked_{modality}_loss", o.masked(modality).loss),
-                                 (f"views_{modality}_loss", getattr(o.views, modality).loss)):  # fmt: skip
+                                 (f"views_{modality}_loss", getattr(o.views, modality).loss),
+                                 (f"distill_{modality}_loss", o.distill.loss)):  # fmt: skip
                 if name in terms:
                     loss = loss + weight.at(step) * terms[name]
         return loss
@@ -192,6 +211,8 @@ class Task(nn.Module):
             out[f"logit_scale_{name}"] = scale.detach()
         for name, bias in self.contrastive.biases().items():
             out[f"logit_bias_{name}"] = bias.detach()
+        if self.teacher is not None:  # the momentum of the teacher's next EMA update
+            out["distill_momentum"] = out["loss"].new_tensor(self.teacher.momentum()).detach()
         return out
 
     def contrastive_pass(
@@ -204,11 +225,21 @@ class Task(nn.Module):
         objective = self.masked_objective(modality) if masked else None
         if objective is None:
             return tower.forward_features(x), x, {}
+        present = batch["present"][modality]
+        distill = self.distill is not None and modality in self.distilled
         if modality == "text":
-            features, seen, masked_terms = objective(tower, x, batch["present"][modality], generator)
+            corruption = objective.corrupt(x, generator)  # corrupted ids, slot positions, chosen slots
+            features, seen, masked_terms = objective(tower, x, present, generator, corruption)
+            if distill:
+                target = self.teacher.targets(modality, x)  # [B, L, D], from the whole caption
+                masked_terms |= self.distill.text_terms(features, *corruption[1:], target, present)
         else:
-            features, masked_terms = objective(tower, x, batch["present"][modality], generator)
+            keep = objective.draw_keep(x.shape[0], generator, x.device)  # [B, K]
+            features, masked_terms = objective(tower, x, present, generator, keep)
             seen = x
+            if distill:
+                target = self.teacher.targets(modality, x)  # [B, L, D], from the whole input
+                masked_terms |= self.distill.patch_terms(modality, features, keep, target, present)
         if self.cfg.objectives.unmasked_contrastive_pass:
             features, seen = tower.forward_features(x), x
         return features, seen, masked_terms

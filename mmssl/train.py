@@ -23,6 +23,7 @@ from mmssl.eval import report
 from mmssl.eval.run import run_eval
 from mmssl.lock import describe
 from mmssl.model import MultimodalModel
+from mmssl.objectives.distill import collapse
 from mmssl.pretrained import initialize
 from mmssl.runlog import RunLog, Throughput, Work
 from mmssl.task import Task
@@ -125,11 +126,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_json(cfg, self.run_dir / "config.json")
             (self.run_dir / "ds_config.json").write_text(json.dumps(self.eng.ds_config, indent=2) + "\n")
-        self.step, data_state = 0, None
+        self.step, data_state, state = 0, None, {}
         if resume:
             state = self.eng.load(self.ckpt_dir, None if resume == "latest" else resume)
             self.step, data_state = int(state["step"]), state.get("data")
         self.log, self.work = self.start_log()
+        if state.get("teacher_from_student"):
+            self.log.write(
+                f"step {self.step}: the checkpoint holds no EMA teacher: it starts from the student"
+            )
         # a resumed loader continues at the next sample this run had not consumed
         self.loader = data.loader(
             cfg, train=True, rank=info.rank, world_size=info.world_size, resume=data_state
@@ -247,6 +252,12 @@ class Trainer:
         self.last = self.log.log(self.step, logged)
         self.data_wait = 0.0
         self.first_loss = self.last["loss"] if self.first_loss is None else self.first_loss
+        # data2vec's guard, on the variances just averaged over ranks (every rank reaches the same verdict)
+        if self.task.distill is not None and (
+            why := collapse(self.cfg.objectives.distill, self.step, logged)
+        ):
+            self.log.write(why)
+            raise RuntimeError(f"{why}; the last checkpoint is in {self.ckpt_dir}")
 
     def checkpoint(self) -> None:
         # every rank's loader position, taken between steps: what the trainer consumed, not what the

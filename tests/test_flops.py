@@ -37,6 +37,7 @@ def batch_for(cfg, b: int) -> dict:
         ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
         ("tiny", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
         ("tiny_masked", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
+        ("tiny_distill", []),
     ],
 )
 def test_count_matches_torch_flop_counter(preset, overrides):

@@ -1,5 +1,6 @@
 """Exact resume through the trainer: a run killed (SIGKILL, one rank) and resumed from its latest
-checkpoint trains on exactly the samples, and reaches exactly the losses, of an uninterrupted run."""
+checkpoint trains on exactly the samples, and reaches exactly the losses, of an uninterrupted run; with
+self-distillation on, its EMA teacher too (restored from the checkpoint, then updated alike)."""
 
 import contextlib
 import functools
@@ -16,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 10
@@ -105,13 +107,16 @@ def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers,
         kill_and_resume(shards, tmp_path, nproc, workers)
 
 
+DISTILL = ("objectives.distill.enabled=true",)  # the masked objectives' pass carries it: no extra pass
+
+
 def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int) -> None:
     reference = tmp_path / "reference"
-    run(command(reference, demo_shards, nproc, workers))
+    run(command(reference, demo_shards, nproc, workers, *DISTILL))
 
     faulty = tmp_path / "faulty"
     job = subprocess.Popen(
-        command(faulty, demo_shards, nproc, workers), cwd=REPO, start_new_session=True,
+        command(faulty, demo_shards, nproc, workers, *DISTILL), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     kill_after = random.randint(3, STEPS - 3)
@@ -133,11 +138,17 @@ def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers
     resumed_from = int((faulty / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 0 < resumed_from < STEPS
 
-    run([*command(faulty, demo_shards, nproc, workers), "--resume", "latest"])
+    run([*command(faulty, demo_shards, nproc, workers, *DISTILL), "--resume", "latest"])
     want, got = losses(reference), losses(faulty)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (step, resumed_from)
+    from mmssl.engine import saved_teacher
+
+    ours, theirs = (saved_teacher(r / "checkpoints") for r in (faulty, reference))
+    assert sorted(ours) == sorted(theirs) and any(k.startswith("image.") for k in ours)
+    for name, value in theirs.items():
+        torch.testing.assert_close(ours[name], value, rtol=1e-5, atol=1e-7, msg=name)
     for rank in range(nproc):
         ours, theirs = consumed(faulty, rank), consumed(reference, rank)
         assert ours == theirs, f"rank {rank}: resumed from step {resumed_from}"

@@ -2,6 +2,7 @@
 dict of named terms ``{"<name>_loss": t, ...}``."""
 
 from mmssl.objectives.contrastive import ContrastiveObjective, MaskedClipLoss
+from mmssl.objectives.distill import DistillObjective, EmaTeacher
 from mmssl.objectives.masked_audio import MaskedAudioObjective
 from mmssl.objectives.masked_image import MaskedImageObjective
 from mmssl.objectives.masked_patches import MaskedPatchObjective
@@ -11,6 +12,8 @@ from mmssl.objectives.views import NTXentLoss, ViewObjective
 
 __all__ = [
     "ContrastiveObjective",
+    "DistillObjective",
+    "EmaTeacher",
     "MaskedAudioObjective",
     "MaskedClipLoss",
     "MaskedImageObjective",

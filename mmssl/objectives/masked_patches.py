@@ -67,11 +67,18 @@ class MaskedPatchObjective(nn.Module):
         return target
 
     def forward(
-        self, tower: PatchTower, x: Tensor, present: Tensor, generator: torch.Generator
+        self,
+        tower: PatchTower,
+        x: Tensor,
+        present: Tensor,
+        generator: torch.Generator,
+        keep: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One encoder pass on the visible patches. Returns its token features ``[B, R + K, D]`` (for
-        the pooled embedding) and ``{"<name>_loss", "<name>_ratio"}``."""
-        keep = self.draw_keep(x.shape[0], generator, x.device)  # [B, K]
+        """One encoder pass on the visible patches (``keep`` ``[B, K]``, drawn here unless given: the task
+        draws it first when distillation shares the pass). Returns its token features ``[B, R + K, D]``
+        (for the pooled embedding) and ``{"<name>_loss", "<name>_ratio"}``."""
+        if keep is None:
+            keep = self.draw_keep(x.shape[0], generator, x.device)  # [B, K]
         features = tower.forward_features(x, keep)  # [B, R + K, D]
         pred = self.decode(features[:, tower.num_prefix_tokens :], keep)  # [B, L, P]
         per_patch = (pred - self.targets(tower, x)).pow(2).mean(dim=-1)  # [B, L]

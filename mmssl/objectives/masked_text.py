@@ -76,11 +76,18 @@ class MaskedTextObjective(nn.Module):
         return corrupted, positions, chosen
 
     def forward(
-        self, tower: TextTower, text: Tensor, present: Tensor, generator: torch.Generator
+        self,
+        tower: TextTower,
+        text: Tensor,
+        present: Tensor,
+        generator: torch.Generator,
+        corruption: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One bidirectional pass on corrupted text. Returns its features ``[B, L, D]``, the corrupted ids
-        (for pooling) and ``{"masked_text_loss", "masked_text_ratio"}``."""
-        corrupted, positions, chosen = self.corrupt(text, generator)
+        """One bidirectional pass on corrupted text (``corruption`` as :meth:`corrupt` returns it, drawn
+        here unless given: the task draws it first when distillation shares the pass). Returns its
+        features ``[B, L, D]``, the corrupted ids (for pooling) and ``{"masked_text_loss",
+        "masked_text_ratio"}``."""
+        corrupted, positions, chosen = corruption or self.corrupt(text, generator)
         features = tower.forward_features(corrupted)  # [B, L, D]
         picked = torch.gather(
             features, 1, repeat(positions, "b k -> b k d", d=features.shape[-1])
