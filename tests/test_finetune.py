@@ -13,7 +13,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -24,6 +23,7 @@ from sklearn import metrics as skm
 from test_resume import consumed, losses, rank_pid
 
 from data_pipelines import write_shards
+from mmssl import cli
 from mmssl.config import apply_overrides
 from mmssl.eval.classify import score_classification
 from mmssl.finetune import FinetuneTask
@@ -42,10 +42,10 @@ def finetune_cfg(*overrides: str, tower: str = "audio", classes=("a", "b", "c"))
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_scores_match_scikit_learn():
     gen = torch.Generator().manual_seed(0)
-    n, c = 200, 7
-    labels = torch.randint(0, c - 1, (n,), generator=gen)  # class 6 is never true
+    n, c = 200, 8
+    labels = torch.randint(0, c - 2, (n,), generator=gen)  # classes 6 and 7 are never true
     logits = torch.randn(n, c, generator=gen)
-    logits[:, 5] -= 100  # class 5 is never predicted
+    logits[:, [5, 7]] -= 100  # 5 and 7 are never predicted: 7 has no F1 at all
     logits[labels == 2, 2] += 3  # a good class and some bad ones
     got = score_classification(logits, labels, [f"c{i}" for i in range(c)])
     y, p = labels.numpy(), logits.argmax(1).numpy()
@@ -109,6 +109,18 @@ def test_task_maps_names_ignores_absent_rows_and_freezes_what_it_does_not_train(
     }
     linear.train()
     assert linear.head.training and not linear.tower.training
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_every_tower_takes_a_head(tower):
+    task = FinetuneTask(finetune_cfg(tower=tower))
+    batch = padded_batch(task.cfg, 3, eot=5, vocab=4000)
+    batch.update(__key__=["a", "b", "c"], label=torch.tensor([0, 2, 1]), label_name=[""] * 3)
+    assert task.logits(batch).shape == (3, 3)
+    out = task(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and task.head.linear.weight.grad.abs().sum() > 0
+    assert task.tower.transformer.resblocks[0].attn.in_proj_weight.grad is not None
 
 
 def test_layer_decay_scales_each_group_from_the_head_down():
@@ -212,12 +224,14 @@ def finetune_command(base: dict, run_dir, *extra: str) -> list[str]:
 
 
 @pytest.mark.distributed
-def test_two_rank_finetune_killed_resumes_exactly(tmp_path_factory, tmp_path):
+def test_two_rank_finetune_killed_resumes_exactly(tmp_path_factory, tmp_path, capsys):
+    """Three launches: a reference run, a run whose rank 1 is killed, its resumption (which also
+    evaluates at the end); then `mmssl eval` of it in this process."""
     base = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
-    evaluated = ["--eval-data", base["test"]]
     reference = tmp_path / "reference"
-    proc = subprocess.run(finetune_command(base, reference, *evaluated), cwd=REPO, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        finetune_command(base, reference), cwd=REPO, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
 
     faulty = tmp_path / "faulty"
@@ -240,8 +254,8 @@ def test_two_rank_finetune_killed_resumes_exactly(tmp_path_factory, tmp_path):
     resumed_from = int((faulty / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert 0 < resumed_from < STEPS
 
-    proc = subprocess.run([*finetune_command(base, faulty, *evaluated), "--resume", "latest"], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = [*finetune_command(base, faulty, "--eval-data", base["test"]), "--resume", "latest"]
+    proc = subprocess.run(resumed, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     want, got = losses(reference), losses(faulty)
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -251,22 +265,44 @@ def test_two_rank_finetune_killed_resumes_exactly(tmp_path_factory, tmp_path):
         assert consumed(faulty, rank) == consumed(reference, rank), (
             f"rank {rank}, resumed from {resumed_from}"
         )
+    rows = [json.loads(line) for line in (faulty / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["accuracy"]) and r["labelled"] == 4 for r in rows)
     # the scores at the end: in summary.json, eval.json and eval.html (with the confusion matrix)
-    want_eval = json.loads((reference / "summary.json").read_text())["eval"]["classification"]
-    got_eval = json.loads((faulty / "summary.json").read_text())["eval"]["classification"]
-    assert got_eval["confusion"] == want_eval["confusion"] and sum(map(sum, got_eval["confusion"])) == 24
-    assert {"top1", "top5", "macro_f1", "per_class_recall"} <= set(got_eval)
+    scores = json.loads((faulty / "summary.json").read_text())["eval"]["classification"]
+    assert {"top1", "top5", "macro_f1", "per_class_recall"} <= set(scores)
+    assert sum(map(sum, scores["confusion"])) == 24  # every held-out sample, once
     assert (
         'src="confusion.png"' in (faulty / "eval.html").read_text() and (faulty / "confusion.png").is_file()
     )
-    rows = [json.loads(line) for line in (faulty / "metrics.jsonl").read_text().splitlines()]
-    assert all(math.isfinite(r["accuracy"]) and r["labelled"] == 4 for r in rows)
 
-    # `mmssl eval` of the fine-tuned run shows the same figures
-    proc = subprocess.run([sys.executable, "-m", "mmssl.cli", "eval", str(faulty), "--out", str(tmp_path / "ev")],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "macro-F1" in proc.stdout
+    # `mmssl eval` of the fine-tuned run shows the same figures (in this process: no more launches)
+    capsys.readouterr()
+    assert cli.main(["eval", str(faulty), "--out", str(tmp_path / "ev")]) == 0
+    assert "macro-F1" in capsys.readouterr().out
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["classification"]
-    assert again["confusion"] == got_eval["confusion"]
-    assert np.isclose(again["macro_f1"], got_eval["macro_f1"])
+    assert again["confusion"] == scores["confusion"]
+    assert again["macro_f1"] == pytest.approx(scores["macro_f1"])
+
+
+def test_finetune_refuses_bad_inputs_in_one_line(tmp_path_factory, tmp_path, capsys):
+    """Mistakes found before any rank starts: one line naming what is wrong, exit code 2."""
+    base = tiny_run(tmp_path_factory.getbasetemp() / "tiny_run")
+    unlabelled = write_shards(iter([{"__key__": f"u{i}", "wav": b"x", "txt": "x"} for i in range(3)]),
+                              tmp_path / "unlabelled")["pattern"]  # fmt: skip
+    run = str(base["run_dir"])
+    cases = [
+        ([str(tmp_path / "nothing"), "--data", base["train"]], "is not a run directory"),
+        ([run, "--data", str(tmp_path / "none-*.tar")], "--data:"),
+        ([run, "--data", unlabelled], "holds no labelled sample"),
+        (
+            [run, "--data", base["train"], "finetune.layer_decay=1.5"],
+            "finetune.layer_decay must be in (0, 1]",
+        ),
+        ([run, "--data", base["train"], "model.audio=null"], "has no audio tower"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["finetune", *args, "--tower", "audio", "--run-dir", str(tmp_path / "ft")])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and err.count("\n") == 1, (args, err)
+    assert not (tmp_path / "ft").exists()  # nothing was started
