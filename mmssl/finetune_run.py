@@ -36,7 +36,7 @@ def finetune_config(
     eval_shards: str = "",
     linear: bool = False,
     run_dir: str | None = None,
-    overrides: list[str] = (),
+    overrides: tuple[str, ...] | list[str] = (),
 ) -> RunConfig:
     """The config of fine-tuning ``tower`` of ``run`` (a run directory, checkpoint or export) on
     ``shards``: the pretrained run's model, data and training settings, its tower's weights through
@@ -250,9 +250,3 @@ def evaluate_checkpoint(
         progress=progress,
         metrics=run_dir / "metrics.jsonl",
     )
-
-
-def is_finetuned(path: str) -> bool:
-    """Whether ``path`` names a fine-tuned run (its config has a finetune section)."""
-    cfg, _ = checkpoint.find_config(path)
-    return cfg.finetune is not None
