@@ -142,7 +142,10 @@ def main() -> int:
     p.add_argument("--nproc", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides for every run")
-    args = p.parse_args()
+    args, extra = p.parse_known_args()  # overrides may follow the options
+    if any("=" not in e or e.startswith("-") for e in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
     if not (args.fsdd / "recordings").is_dir():
         print(f"FSDD fine-tuning benchmark skipped: no recordings at {args.fsdd / 'recordings'}")
         return 0

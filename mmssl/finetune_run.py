@@ -115,10 +115,9 @@ class FinetuneTrainer(Trainer):
     def headline(self) -> str:
         f = self.cfg.finetune
         how = "linear: the tower locked" if f.linear else f"layer decay {f.layer_decay:g}"
-        return (
-            f"fine-tuning the {f.tower} tower of {f.source} ({f.num_classes} classes, {how}, "
-            f"label smoothing {f.label_smoothing:g})"
-        )
+        start = getattr(self.cfg.model, f.tower).init_from
+        what = f"the {f.tower} tower of {start}" if start else f"the {f.tower} tower from scratch"
+        return f"fine-tuning {what} ({f.num_classes} classes, {how}, label smoothing {f.label_smoothing:g})"
 
     def work_counter(self, global_batch: int) -> Work:
         cfg = self.cfg
