@@ -8,6 +8,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,23 @@ def finetune_cfg(*overrides: str, tower: str = "audio", classes=("a", "b", "c"))
     cfg = tiny()
     cfg.finetune = FinetuneConfig(tower=tower, num_classes=len(classes), classes=tuple(classes))
     return apply_overrides(cfg, list(overrides)).validate()
+
+
+def test_finetune_config_round_trips_and_names_bad_fields(tmp_path):
+    from mmssl.config import load_json, save_json
+
+    cfg = finetune_cfg("finetune.layer_decay=0.65", "finetune.linear=true")
+    save_json(cfg, tmp_path / "config.json")
+    assert load_json(tmp_path / "config.json") == cfg
+    for override, message in [
+        ("finetune.label_smoothing=1.0", "finetune.label_smoothing must be in [0, 1)"),
+        ('finetune.classes=["a","b"]', "finetune.classes names 2 classes but finetune.num_classes=3"),
+        ("finetune.num_classes=1", "finetune.num_classes must be at least 2"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            finetune_cfg(override)
+    with pytest.raises(ValueError, match="finetune.tower=text but model.text is off"):
+        finetune_cfg("model.text=null", tower="text")
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
