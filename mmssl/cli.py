@@ -453,7 +453,9 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
-        "eval", help="retrieval for every modality pair, zero-shot classification and a linear probe"
+        "eval",
+        help="retrieval for every modality pair, zero-shot classification and a linear probe; of a fine-tuned "
+        "run (mmssl finetune): its classifier's top-1/top-5, macro-F1, per-class recall and confusion matrix",
     )
     e.add_argument(
         "checkpoint", help="a run directory, its checkpoints/ folder, one checkpoint, or an export"
