@@ -27,7 +27,7 @@ from data_pipelines.transforms import (
     resample,
     tokenize,
 )
-from data_pipelines.verify import verify_exit_code, verify_shards
+from data_pipelines.verify import label_census, verify_exit_code, verify_shards
 
 __all__ = [
     "BAD_KINDS",
@@ -66,6 +66,7 @@ __all__ = [
     "format_write_summary",
     "img2dataset_samples",
     "iter_samples",
+    "label_census",
     "parse_layout",
     "read_label",
     "resample",

@@ -157,6 +157,33 @@ def _count_label(raw: dict[str, Any], layout: Layout, report: dict[str, Any], na
         names[label] += 1
 
 
+def label_census(spec: str, *, layout: str | Layout = "mmssl") -> dict[str, Any]:
+    """The labels of every sample of `spec` under `layout`, read without decoding any image or audio:
+    {"integer": Counter of class ids, "name": Counter of class names, "absent": n, "bad": n}. A shard
+    that cannot be read to its end counts the samples read before; raises FileNotFoundError/ValueError
+    when the spec matches no file."""
+    layout = resolve_layout(layout)
+    wanted = frozenset("json" if e.startswith("json:") else e for e in layout.label)
+    census: dict[str, Any] = {"integer": Counter(), "name": Counter(), "absent": 0, "bad": 0}
+    for url in expand_shards(spec):
+        try:
+            for ref in scan_shard(url):
+                if ref.problem:
+                    continue
+                try:
+                    label = read_label(ref.load(wanted), layout)  # the label's files only
+                except BadSample:
+                    census["bad"] += 1
+                    continue
+                if label is None:
+                    census["absent"] += 1
+                else:
+                    census["name" if isinstance(label, str) else "integer"][label] += 1
+        except (ShardError, OSError):  # training counts the rest as bad data; the labels read so far stand
+            continue
+    return census
+
+
 def verify_exit_code(report: dict[str, Any], *, strict: bool = False) -> int:
     """1 when a shard is unreadable (or, with strict, anything is bad or miscounted), else 0."""
     if report["unreadable"]:

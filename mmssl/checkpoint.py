@@ -110,6 +110,11 @@ def load(path: str | Path) -> Checkpoint:
         run_dir, source = p, f"{p} (exported)"
     else:
         state, cfg, run_dir, source = task_state(p)
+        if cfg.finetune is not None:
+            raise ValueError(
+                f"{path} is a fine-tuned {cfg.finetune.tower} classifier, not a pretrained model: `mmssl eval` "
+                f"scores it; embed, export and init_from take the pretrained run ({cfg.finetune.source})"
+            )
         model_state, scales = split_task_state(state, cfg)
         biases = _with_prefix(state, f"contrastive.{LOGIT_BIAS_PREFIX}")
     model = MultimodalModel(cfg.model)

@@ -1,6 +1,6 @@
 """Multimodal self-supervised pretraining: train, evaluate, embed and export image/text/audio models.
 
-``mmssl train | eval | embed | export | shards | demo-data``; ``mmssl <command> --help`` for each.
+``mmssl train | finetune | eval | embed | export | shards | demo-data``; ``mmssl <command> --help`` for each.
 Settings are a preset (or a run's config.json) plus dotted overrides such as ``optim.lr=3e-4``. A
 mistake in a setting or a path ends the command with one line naming it (exit code 2), before any
 training process starts. A run that trained but whose evaluation at the end failed keeps its
@@ -61,9 +61,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mmssl.encoders import check_towers
 
     if launched_by_launcher():  # a worker: the first process has checked everything already
-        from mmssl.train import train
-
-        train(build_config(args), resume=args.resume)
+        run_training(build_config(args), resume=args.resume)
         return 0
     world = None if args.hostfile else args.nproc * args.nnodes  # with a hostfile its slots decide
     with user_errors():
@@ -84,12 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not resume:  # a resumed run's checkpoint holds every weight
             pretrained.check(cfg)
     if world == 1:
-        from mmssl.train import train
-
-        return EVAL_FAILED if "eval_error" in train(cfg, resume=resume) else 0
+        return EVAL_FAILED if "eval_error" in run_training(cfg, resume=resume) else 0
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
-    env = {CREDENTIALS_ENV: json.dumps(credentials)} if (credentials := url_credentials(cfg)) else {}
     if args.hostfile:  # several nodes, started from this one over ssh
         where = ["--hostfile", args.hostfile] + (
             ["--master_addr", args.master_addr] if args.master_addr else []
@@ -102,10 +96,56 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "--master_addr", args.master_addr]  # fmt: skip
     else:
         where = None
+    return launch_run(cfg, nproc=args.nproc, resume=resume, where=where, port=args.master_port)
+
+
+def run_training(cfg: RunConfig, *, resume: str | None) -> dict:
+    """Train ``cfg`` in this process (one rank, or a launched one): pretraining, or fine-tuning when the
+    config has a finetune section. Returns the summary."""
+    if cfg.finetune is not None:
+        from mmssl.finetune_run import finetune
+
+        return finetune(cfg, resume=resume)
+    from mmssl.train import train
+
+    return train(cfg, resume=resume)
+
+
+def launch_run(
+    cfg: RunConfig, *, nproc: int, resume: str | None, where: list[str] | None = None, port: int | None = None
+) -> int:
+    """Write the run's config.json and start its ranks (``mmssl train --config`` on each); the exit code."""
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_json(cfg, run_dir / "config.json")  # every node's launcher writes the same one, atomically
+    env = {CREDENTIALS_ENV: json.dumps(credentials)} if (credentials := url_credentials(cfg)) else {}
     command = ["train", "--config", str(run_dir / "config.json")] + (["--resume", resume] if resume else [])
     started = time.time()
-    code = launch_ranks(command, nproc=args.nproc, where=where, port=args.master_port, env=env)
+    code = launch_ranks(command, nproc=nproc, where=where, port=port, env=env)
     return code or eval_exit_code(run_dir / "summary.json", since=started)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from mmssl import data, engine, pretrained
+    from mmssl.finetune_run import finetune_config
+
+    with user_errors():
+        _check_shards(args.data, "--data")
+        if args.eval_data:
+            _check_shards(args.eval_data, "--eval-data")
+        cfg = finetune_config(
+            args.run, shards=args.data, tower=args.tower, eval_shards=args.eval_data or "",
+            linear=args.linear, run_dir=args.run_dir, overrides=args.overrides,
+        )  # fmt: skip
+        data.check_shards(cfg)
+        engine.resolve_ds_config(cfg, world_size=args.nproc)
+        run_dir = Path(cfg.run_dir)
+        resume = args.resume and resume_tag(args.resume, run_dir / "checkpoints", args.nproc, cfg)
+        if not resume:  # a resumed run's checkpoint holds every weight
+            pretrained.check(cfg)
+    if args.nproc == 1:
+        return EVAL_FAILED if "eval_error" in run_training(cfg, resume=resume) else 0
+    return launch_run(cfg, nproc=args.nproc, resume=resume)
 
 
 # The exit code of a run that trained (checkpoints and summary.json written) but whose evaluation at
@@ -254,6 +294,10 @@ def eval_setup(args: argparse.Namespace):
 def cmd_eval(args: argparse.Namespace) -> int:
     worker = launched_by_launcher()
     with user_errors():
+        finetuned = checkpoint_is_finetuned(args.checkpoint)
+    if finetuned:
+        return eval_finetuned(args)
+    with user_errors():
         cfg, plan, out = eval_setup(args)
     if args.nproc > 1 and not worker:
         return launch_ranks(without_nproc(args.argv), nproc=args.nproc)
@@ -284,6 +328,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
         engine.shutdown()
     if rank == 0:
         print(f"wrote {out / 'eval.json'}, {out / 'eval.html'} (tables, similarity.png, loss.png)")
+    return 0
+
+
+def checkpoint_is_finetuned(path: str) -> bool:
+    from mmssl import checkpoint
+
+    return checkpoint.find_config(path)[0].finetune is not None
+
+
+def eval_finetuned(args: argparse.Namespace) -> int:
+    """``mmssl eval`` of a fine-tuned run: its classifier on ``--data`` (default: the run's eval shards),
+    in this process."""
+    import torch
+
+    from mmssl import checkpoint
+    from mmssl.finetune_run import evaluate_checkpoint
+    from mmssl.runlog import on_terminal
+
+    with user_errors():
+        cfg, run_dir = checkpoint.find_config(args.checkpoint)
+        shards = args.data or cfg.data.eval_shards
+        if not shards:
+            raise ValueError("no evaluation data: pass --data SHARDS")
+        _check_shards(shards, "--data" if args.data else "data.eval_shards")
+        apply_overrides(cfg, args.overrides)
+    out = Path(args.out or run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with user_errors():
+        evaluate_checkpoint(args.checkpoint, shards, out, device=device, progress=on_terminal())
+    print(f"wrote {out / 'eval.json'}, {out / 'eval.html'} (confusion.png, loss.png)")
     return 0
 
 
@@ -381,7 +455,9 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     e = sub.add_parser(
-        "eval", help="retrieval for every modality pair, zero-shot classification and a linear probe"
+        "eval",
+        help="retrieval for every modality pair, zero-shot classification and a linear probe; of a fine-tuned "
+        "run (mmssl finetune): its classifier's top-1/top-5, macro-F1, per-class recall and confusion matrix",
     )
     e.add_argument(
         "checkpoint", help="a run directory, its checkpoints/ folder, one checkpoint, or an export"
@@ -452,6 +528,29 @@ def parser() -> argparse.ArgumentParser:
         "same caption with the same media; 'near' also resized or recompressed images (needs imagehash)",
     )  # fmt: skip
     s.set_defaults(func=cmd_shards)
+
+    f = sub.add_parser(
+        "finetune", help="a classification head on a pretrained tower, fine-tuned on labelled shards"
+    )
+    f.add_argument("run", help="the pretrained run directory, one of its checkpoints, or an export")
+    f.add_argument(
+        "--data", required=True, help="labelled training shards (json 'label' or cls: ids or names)"
+    )
+    f.add_argument(
+        "--tower", required=True, choices=("audio", "image", "text"), help="the tower to fine-tune"
+    )
+    f.add_argument("--eval-data", help="held-out labelled shards, scored at the end")
+    f.add_argument(
+        "--linear", action="store_true", help="lock the tower: only the head trains (linear probe)"
+    )
+    f.add_argument("--run-dir", help="where the fine-tuning run goes (default: RUN-finetune-TOWER)")
+    f.add_argument("--nproc", type=int, default=1, help="ranks on this machine (GPUs, or CPU processes)")
+    f.add_argument("--resume", help="'latest' or a checkpoint tag in RUN_DIR/checkpoints")
+    f.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="e.g. train.steps=200 optim.lr=1e-3 finetune.layer_decay=0.75 finetune.label_smoothing=0.1",
+    )  # fmt: skip
+    f.set_defaults(func=cmd_finetune)
 
     d = sub.add_parser("demo-data", help="build the spoken-digits demo shards (images, captions, speech)")
     d.add_argument("--out", default="data/demo")

@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from data_pipelines.remote import credentials, mask
 from data_pipelines.specs import AudioAugment, ImageAugment
+from mmssl.finetune_config import FinetuneConfig
 
 MODALITIES = ("image", "text", "audio")
 # open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
@@ -620,6 +621,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig | None = None  # set: a fine-tuning run (mmssl finetune, mmssl/finetune.py)
 
     def validate(self) -> RunConfig:
         for f in dataclasses.fields(self):
@@ -637,6 +639,8 @@ class RunConfig:
             )
         self._validate_views()
         self._validate_distill()
+        if self.finetune is not None and getattr(self.model, self.finetune.tower) is None:
+            raise ValueError(f"finetune.tower={self.finetune.tower} but model.{self.finetune.tower} is off")
         if self.engine.offload_params and self.engine.zero_stage not in (None, 3):
             raise ValueError(
                 f"engine.offload_params needs ZeRO stage 3, got engine.zero_stage={self.engine.zero_stage}"

@@ -57,8 +57,10 @@ def stream_config(
     evaluation data (or of ``shards``) read with ``data.eval_layout`` (which follows the training
     layout unless set); ``layout`` overrides either."""
     m, d = cfg.model, cfg.data
+    # a fine-tuning run reads only its tower's modality (and the labels)
+    wanted = (cfg.finetune.tower,) if cfg.finetune is not None else ("image", "text", "audio")
     audio = None
-    if m.audio is not None:
+    if m.audio is not None and "audio" in wanted:
         a = m.audio
         augment = d.audio_augment
         audio = AudioSpec(
@@ -70,7 +72,7 @@ def stream_config(
             augment=augment if augment != AudioAugment() else None,  # off: no random draws at all
         )
     image = None
-    if m.image is not None:
+    if m.image is not None and "image" in wanted:
         augment = d.image_augment
         image = ImageSpec(size=m.image.image_size, augment=augment if augment.active else None)
     if shards or not train:
@@ -93,7 +95,7 @@ def stream_config(
         seed=cfg.train.seed,
         image=image,
         audio=audio,
-        text=m.text is not None,
+        text=m.text is not None and "text" in wanted,
         pin_memory=torch.cuda.is_available(),
         trim_text=min_text_tokens(cfg) if trims_text(cfg) else None,
         # a second augmented view for view objectives (text's second view is a dropout pass, not data)

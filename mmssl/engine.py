@@ -162,14 +162,30 @@ def cap_buckets(ds: dict[str, Any], task: nn.Module) -> dict[str, Any]:
     return ds
 
 
-def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings' scalars and temperatures (ndim < 2)."""
-    decay, no_decay = [], []
+def param_groups(task: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The trainable parameters in optimizer groups: no weight decay on biases, norms, embeddings'
+    scalars and temperatures (ndim < 2); and, when the task gives per-parameter learning-rate factors
+    (``task.lr_scales()``: ``{id(param): factor}``, layer-wise decay in fine-tuning), one group per
+    factor at ``optim.lr`` x factor, the largest first (the logged lr is the first group's)."""
+    scales = task.lr_scales() if hasattr(task, "lr_scales") else {}
+    o = cfg.optim
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {}
     for p in task.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            grouped.setdefault((scales.get(id(p), 1.0), p.ndim >= 2), []).append(p)
+    keys = sorted(grouped, key=lambda k: (-k[0], not k[1]))
+    if not scales:  # the two groups pretraining has always had, even when one is empty
+        keys = [(1.0, True), (1.0, False)]
+    return [
+        {"params": grouped.get(k, []), "weight_decay": o.weight_decay if k[1] else 0.0, "lr": o.lr * k[0]}
+        for k in keys
+    ]
+
+
+def build_optimizer(task: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`."""
     o = cfg.optim
-    groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = param_groups(task, cfg)
     kwargs = dict(lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
     if torch.cuda.is_available() and cfg.engine.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam

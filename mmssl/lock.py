@@ -40,13 +40,16 @@ def lock_towers(model: nn.Module, cfg: ModelConfig) -> None:
     """Freeze every tower whose config says ``lock``, but for its last ``unlocked_groups`` groups."""
     for name in cfg.modalities:
         tower_cfg = getattr(cfg, name)
-        if not tower_cfg.lock:
-            continue
-        groups = layer_groups(getattr(model, name))
-        unlocked = tower_cfg.unlocked_groups
-        for i, group in enumerate(groups):
-            for p in group:
-                p.requires_grad_(i >= len(groups) - unlocked)
+        if tower_cfg.lock:
+            lock_tower(getattr(model, name), tower_cfg.unlocked_groups)
+
+
+def lock_tower(tower: nn.Module, unlocked: int = 0) -> None:
+    """Freeze ``tower`` but for its last ``unlocked`` groups (0: all of it)."""
+    groups = layer_groups(tower)
+    for i, group in enumerate(groups):
+        for p in group:
+            p.requires_grad_(i >= len(groups) - unlocked)
 
 
 def describe(module: nn.Module) -> str:

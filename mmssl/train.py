@@ -9,10 +9,12 @@ import logging
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from data_pipelines import BAD_KINDS, combine_states
@@ -116,7 +118,7 @@ class Trainer:
         self.info = info = engine.init_distributed()
         report_data_warnings(info.rank)
         torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
-        self.task = Task(cfg, rank=info.rank, world_size=info.world_size)
+        self.task = self.build_task()
         if not resume:  # a resumed run's checkpoint holds every weight
             initialize(self.task, cfg, show=info.is_main)
         self.eng = engine.Engine(self.task, cfg, info)
@@ -159,15 +161,13 @@ class Trainer:
         throughput = Throughput(
             samples_per_step=samples_per_step, world_size=info.world_size, peak_flops=peak
         )
-        work = Work(
-            lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg)
-        )
+        work = self.work_counter(global_batch)
         log = RunLog(
             self.run_dir, enabled=info.is_main, total_steps=cfg.train.steps, start_step=self.step,
             throughput=throughput,
         )  # fmt: skip
         log.write(
-            f"training {cfg.preset}: {describe(self.task)}, "
+            f"{self.headline()}: {describe(self.task)}, "
             f"{info.world_size} rank(s) on {info.device.type}, ZeRO-{self.eng.zero_stage}, "
             f"{samples_per_step} samples/step, steps {self.step}->{cfg.train.steps}; "
             f"{work.flops_per_sample(None) / 1e6:.1f} MFLOP/sample, peak {_flops(peak)} per rank ({peak_source})"
@@ -178,6 +178,24 @@ class Trainer:
                 f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps}"
             )
         return log, work
+
+    def build_task(self) -> nn.Module:
+        """The module the engine wraps: the pretraining task (a fine-tuning trainer builds its own)."""
+        return Task(self.cfg, rank=self.info.rank, world_size=self.info.world_size)
+
+    def headline(self) -> str:
+        return f"training {self.cfg.preset}"
+
+    def work_counter(self, global_batch: int) -> Work:
+        """FLOPs and tokens per sample of what the task runs, for the throughput and MFU columns."""
+        cfg = self.cfg
+        return Work(
+            lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg)
+        )
+
+    def evaluate(self) -> tuple[dict | None, Exception | None, str | None]:
+        """The evaluation at the end (see :func:`evaluate_at_end`)."""
+        return evaluate_at_end(self.task, self.eng, self.cfg, self.info, progress=self.log.interactive)
 
     def run(self) -> None:
         cfg, stream = self.cfg, iter(self.loader)
@@ -286,9 +304,7 @@ class Trainer:
         }
         error = None
         if cfg.train.eval_at_end and cfg.data.eval_shards:
-            results, error, cause = evaluate_at_end(
-                self.task, self.eng, cfg, info, progress=self.log.interactive
-            )
+            results, error, cause = self.evaluate()
             if results is not None:
                 summary["eval"] = results
             if cause:
@@ -319,12 +335,23 @@ def evaluate_at_end(
     every rank). A failure does not end the run: rank 0 catches it, and every rank learns the outcome
     from rank 0 (a broadcast in place of a barrier, which rank 0's failure would break)."""
     model = model_to_evaluate(task, eng, cfg, info.device)  # every rank takes part under ZeRO-3
+    return on_main_rank(
+        lambda: run_eval(
+            model, cfg, Path(cfg.run_dir), device=info.device, dtype=eng.dtype, progress=progress
+        ),
+        info,
+    )
+
+
+def on_main_rank(
+    evaluate: Callable[[], dict], info: engine.DistInfo
+) -> tuple[dict | None, Exception | None, str | None]:
+    """``evaluate()`` on rank 0, caught: (its results, its exception, the cause in one line on every
+    rank, by a broadcast)."""
     results, error = None, None
     if info.is_main:
         try:
-            results = run_eval(
-                model, cfg, Path(cfg.run_dir), device=info.device, dtype=eng.dtype, progress=progress
-            )
+            results = evaluate()
         except Exception as e:  # reported by the caller: re-raised there unless it is a user error
             error = e
     cause = None if error is None else " ".join(str(error).split()) or type(error).__name__

@@ -2,5 +2,6 @@
 
 Layered bottom-up, without cycles: ``embeddings`` (the one embeddings type and the loop that fills
 it); ``labels`` (class names to ids); ``retrieval``, ``zeroshot`` and ``probe`` (the scores);
-``report`` (PNGs and HTML); ``run`` (:func:`mmssl.eval.run.run_eval`, which uses them all).
+``classify`` (a fine-tuned classifier's scores, from its logits); ``report`` (PNGs and HTML); ``run``
+(:func:`mmssl.eval.run.run_eval`, which uses them all).
 """

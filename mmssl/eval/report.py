@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 from torch import Tensor
 
 matplotlib.use("Agg")
@@ -58,6 +59,31 @@ def similarity_png(
     for i in range(n):
         for j in range(n):
             ax.text(j, i, f"{sims[i, j]:.2f}", ha="center", va="center", fontsize=5.5, color="w")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return Path(out)
+
+
+def confusion_png(matrix: list[list[int]], names: list[str], out: str | Path) -> Path:
+    """The confusion matrix ``[C, C]`` (row = true class, column = predicted), each row shaded by the
+    share of that class's samples, with the counts written in."""
+    counts = np.asarray(matrix, dtype=np.float64)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(names)
+    fig, ax = plt.subplots(figsize=(2.0 + 0.45 * n, 1.6 + 0.45 * n))
+    im = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), names, rotation=90, fontsize=8)
+    ax.set_yticks(range(n), names, fontsize=8)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title("confusion matrix (row share)", fontsize=10)
+    if n <= 40:
+        for i in range(n):
+            for j in range(n):
+                color = "w" if shares[i, j] > 0.5 else "k"
+                ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=6, color=color)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -127,6 +153,49 @@ def eval_html(
         )
     if loss_png:
         parts.append(f'<h2>Training loss</h2><img src="{html.escape(loss_png)}" alt="loss curves">')
+    return _page(title, parts, out)
+
+
+def classification_html(
+    results: dict,
+    out: str | Path,
+    *,
+    title: str = "mmssl fine-tuned classifier",
+    confusion: str | None = None,
+    loss_png: str | None = None,
+) -> Path:
+    """One page for a fine-tuned run: the headline figures, per-class recall, the confusion matrix."""
+    c = results["classification"]
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    parts.append(
+        f"<h2>Classification</h2><p>{c['samples']} held-out samples "
+        f"({html.escape(str(results.get('shards', '')))}), {len(c['classes'])} classes; the "
+        f"{html.escape(results.get('tower', ''))} tower and its head.</p>"
+    )
+    parts.append(
+        _table(
+            ["top-1", f"top-{c['top_k']}", "macro-F1", "mean per-class recall", "samples"],
+            [
+                [
+                    _num(c["top1"]),
+                    _num(c["top5"]),
+                    _num(c["macro_f1"]),
+                    _num(c["mean_per_class_recall"]),
+                    str(c["samples"]),
+                ]
+            ],
+        )  # fmt: skip
+    )
+    rows = [[name, _num(r)] for name, r in c["per_class_recall"].items()]
+    parts.append("<h2>Per-class recall</h2>" + _table(["class", "recall"], rows))
+    if confusion:
+        parts.append(f'<h2>Confusion matrix</h2><img src="{html.escape(confusion)}" alt="confusion matrix">')
+    if loss_png:
+        parts.append(f'<h2>Training loss</h2><img src="{html.escape(loss_png)}" alt="loss curves">')
+    return _page(title, parts, out)
+
+
+def _page(title: str, parts: list[str], out: str | Path) -> Path:
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse;margin-bottom:1em}}
 td,th{{border:1px solid #bbb;padding:4px 10px;text-align:right}}td:first-child{{text-align:left}}</style></head>

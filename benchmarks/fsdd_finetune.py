@@ -1,0 +1,171 @@
+"""FSDD fine-tuning benchmark: spoken-digit classification on an unseen speaker, from a pretrained
+audio tower against the same tower trained from scratch, with all the labels and with a tenth of them.
+
+Labelled shards (audio + digit only) are built from the Free Spoken Digit Dataset
+(``../shared/data/fsdd``): every recording of the five training speakers, and a stratified tenth of
+them (the same seed each time); the held-out speaker's 500 recordings are the test split. The held-out
+speaker is the pretrained run's own when its data was built by benchmarks/fsdd_benchmark.py (its
+DONE.json says which), else ``--holdout``. Then for each label fraction, ``mmssl finetune`` on the
+pretrained run's audio tower, three ways and the same number of steps:
+
+  linear    the tower locked, only the head trains (``--linear``): a linear probe of the features
+  finetune  the whole tower and the head (``finetune.layer_decay``, label smoothing)
+  scratch   the same architecture from random weights (``model.audio.init_from=null``)
+
+and prints top-1 and macro-F1 on the held-out speaker as a table.
+
+    .venv/bin/python benchmarks/fsdd_finetune.py runs/fsdd/small_full_theo               # ~15 min, 2 cores
+    .venv/bin/python benchmarks/fsdd_finetune.py RUN --steps 4 --fractions 0.1 --variants linear   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from fsdd_benchmark import FSDD, recordings
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("linear", "finetune", "scratch")
+# per variant: what it adds to the common command (a linear head wants a larger learning rate)
+SETTINGS = {
+    "linear": ["--linear", "optim.lr=1e-2", "optim.weight_decay=0.0"],
+    "finetune": ["optim.lr=1e-3", "finetune.layer_decay=0.75", "finetune.label_smoothing=0.1"],
+    "scratch": ["optim.lr=1e-3", "finetune.label_smoothing=0.1", "model.audio.init_from=null"],
+}
+
+
+def holdout_of(run: Path, default: str) -> str:
+    """The speaker the pretrained run's FSDD build held out (its DONE.json), else ``default``."""
+    try:
+        cfg = json.loads((run / "config.json").read_text())
+        marker = Path(cfg["data"]["eval_shards"]).parent / "DONE.json"
+        return json.loads(marker.read_text())["params"]["holdout"]
+    except (OSError, KeyError, ValueError):
+        return default
+
+
+def build(root: Path, out: Path, *, holdout: str, fraction: float, seed: int) -> dict[str, int]:
+    """Shards under ``out``: test/ (the held-out speaker), train/ (the others' recordings, or a
+    stratified ``fraction`` of them), classes.json by each; reused when built with the same parameters."""
+    from data_pipelines import write_shards
+    from data_pipelines.demo import CLASSES
+
+    params = {"holdout": holdout, "fraction": fraction, "seed": seed}
+    marker = out / "DONE.json"
+    if marker.is_file() and json.loads(marker.read_text())["params"] == params:
+        return json.loads(marker.read_text())["counts"]
+    found = recordings(root)
+    if holdout not in {s for _, _, s in found}:
+        raise SystemExit(f"--holdout {holdout!r} is not an FSDD speaker")
+    rng = np.random.default_rng(seed)
+    train = [r for r in found if r[2] != holdout]
+    if fraction < 1.0:
+        kept = []
+        for digit in range(10):
+            of_digit = [r for r in train if r[1] == digit]
+            take = max(1, round(len(of_digit) * fraction))
+            kept += [of_digit[i] for i in sorted(rng.permutation(len(of_digit))[:take])]
+        train = kept
+    counts = {}
+    for name, rows in (("train", train), ("test", [r for r in found if r[2] == holdout])):
+        order = rng.permutation(len(rows))
+        samples = (
+            {"__key__": rows[i][0].stem, "wav": rows[i][0].read_bytes(), "json": {"label": rows[i][1]}}
+            for i in order
+        )
+        folder = out / name
+        for stale in folder.glob("shard-*.tar"):
+            stale.unlink()
+        counts[name] = write_shards(samples, folder, max_count=1000)["total"]
+        (folder / "classes.json").write_text(json.dumps(list(CLASSES)) + "\n")
+    marker.write_text(json.dumps({"params": params, "counts": counts}) + "\n")
+    return counts
+
+
+def finetune(run: Path, data: Path, run_dir: Path, variant: str, args: argparse.Namespace) -> dict:
+    """One ``mmssl finetune``; its summary's classification scores and its time."""
+    command = [
+        sys.executable, "-m", "mmssl.cli", "finetune", str(run), "--tower", "audio",
+        "--data", str(data / "train"), "--eval-data", str(data / "test"), "--run-dir", str(run_dir),
+        "--nproc", str(args.nproc), *SETTINGS[variant],
+        f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.log_every={max(1, args.steps // 10)}",
+        f"optim.warmup_steps={max(1, args.steps // 10)}", f"optim.micro_batch_size={args.batch}",
+        "data.eval_layout=mmssl", *args.overrides,
+    ]  # fmt: skip
+    print(f"\n== {variant}, {data.name}: {' '.join(command[3:])}", flush=True)
+    start = time.perf_counter()
+    if subprocess.run(command, cwd=REPO).returncode != 0:
+        raise SystemExit(f"fine-tuning ({variant}, {data.name}) failed")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return {**summary["eval"]["classification"], "seconds": round(time.perf_counter() - start, 1)}
+
+
+def table(results: dict[tuple[str, float], dict], counts: dict[float, dict], args: argparse.Namespace) -> str:
+    fractions = sorted({f for _, f in results}, reverse=True)
+    labelled = {f: f"{f:.0%} labels ({counts[f]['train']})" for f in fractions}
+    head = f"{'':<10}" + "".join(f"{labelled[f]:>26}" for f in fractions)
+    lines = [
+        "",
+        f"FSDD digits from speech, held-out speaker {args.holdout!r} ({next(iter(counts.values()))['test']} "
+        f"recordings), {args.steps} steps; top-1 / macro-F1",
+        head,
+    ]
+    for v in args.variants:
+        cells = "".join(
+            f"{results[(v, f)]['top1']:>17.3f} / {results[(v, f)]['macro_f1']:.3f}"
+            if (v, f) in results
+            else f"{'-':>26}"
+            for f in fractions
+        )
+        lines.append(f"{v:<10}{cells}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path, help="the pretrained run (e.g. runs/fsdd/small_full_theo)")
+    p.add_argument("--fsdd", type=Path, default=FSDD, help=f"the FSDD copy (default {FSDD})")
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "fsdd_finetune", help="shards and runs")
+    p.add_argument("--holdout", default="theo", help="held-out speaker when the run does not say")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32, help="optim.micro_batch_size")
+    p.add_argument("--fractions", default="1.0,0.1", help="label fractions, comma-separated")
+    p.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated: linear, finetune, scratch"
+    )
+    p.add_argument("--nproc", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides for every run")
+    args, extra = p.parse_known_args()  # overrides may follow the options
+    if any("=" not in e or e.startswith("-") for e in extra):
+        p.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides += extra
+    if not (args.fsdd / "recordings").is_dir():
+        print(f"FSDD fine-tuning benchmark skipped: no recordings at {args.fsdd / 'recordings'}")
+        return 0
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if set(args.variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
+    args.holdout = holdout_of(args.run, args.holdout)
+    results, counts = {}, {}
+    for fraction in (float(f) for f in args.fractions.split(",")):
+        data = args.out / f"data_{args.holdout}_{fraction:g}"
+        counts[fraction] = build(args.fsdd, data, holdout=args.holdout, fraction=fraction, seed=args.seed)
+        for v in args.variants:
+            run_dir = args.out / f"{args.run.name}_{v}_{fraction:g}_{args.steps}"
+            results[(v, fraction)] = finetune(args.run, data, run_dir, v, args)
+    print(table(results, counts, args))
+    out = args.out / f"results_{args.run.name}_{args.steps}.json"
+    out.write_text(json.dumps({f"{v}@{f:g}": r for (v, f), r in results.items()}, indent=1) + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
