@@ -14,7 +14,7 @@ pretrained run's audio tower, three ways and the same number of steps:
 
 and prints top-1 and macro-F1 on the held-out speaker as a table.
 
-    .venv/bin/python benchmarks/fsdd_finetune.py runs/fsdd/small_full_theo               # ~15 min, 2 cores
+    .venv/bin/python benchmarks/fsdd_finetune.py runs/fsdd/test_small/augment_s0               # ~15 min, 2 cores
     .venv/bin/python benchmarks/fsdd_finetune.py RUN --steps 4 --fractions 0.1 --variants linear   # smoke
 """
 
@@ -28,7 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fsdd_benchmark import FSDD, recordings
+from fsdd_benchmark import FSDD
+from fsdd_data import recordings
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("linear", "finetune", "scratch")
@@ -40,23 +41,27 @@ SETTINGS = {
 }
 
 
-def holdout_of(run: Path, default: str) -> str:
-    """The speaker the pretrained run's FSDD build held out (its DONE.json), else ``default``."""
+def holdout_of(run: Path, default: str) -> tuple[str, tuple[str, ...]]:
+    """The speaker the pretrained run's FSDD build held out and those it left out of everything (its
+    DONE.json: the test speaker while settings are chosen on a validation one), else ``default``."""
     try:
         cfg = json.loads((run / "config.json").read_text())
         marker = Path(cfg["data"]["eval_shards"]).parent / "DONE.json"
-        return json.loads(marker.read_text())["params"]["holdout"]
+        params = json.loads(marker.read_text())["params"]
+        return params["holdout"], tuple(params.get("leave_out", ()))
     except (OSError, KeyError, ValueError):
-        return default
+        return default, ()
 
 
-def build(root: Path, out: Path, *, holdout: str, fraction: float, seed: int) -> dict[str, int]:
+def build(
+    root: Path, out: Path, *, holdout: str, leave_out: tuple[str, ...] = (), fraction: float, seed: int
+) -> dict[str, int]:
     """Shards under ``out``: test/ (the held-out speaker), train/ (the others' recordings, or a
     stratified ``fraction`` of them), classes.json by each; reused when built with the same parameters."""
     from data_pipelines import write_shards
     from data_pipelines.demo import CLASSES
 
-    params = {"holdout": holdout, "fraction": fraction, "seed": seed}
+    params = {"holdout": holdout, "leave_out": sorted(leave_out), "fraction": fraction, "seed": seed}
     marker = out / "DONE.json"
     if marker.is_file() and json.loads(marker.read_text())["params"] == params:
         return json.loads(marker.read_text())["counts"]
@@ -64,7 +69,7 @@ def build(root: Path, out: Path, *, holdout: str, fraction: float, seed: int) ->
     if holdout not in {s for _, _, s in found}:
         raise SystemExit(f"--holdout {holdout!r} is not an FSDD speaker")
     rng = np.random.default_rng(seed)
-    train = [r for r in found if r[2] != holdout]
+    train = [r for r in found if r[2] != holdout and r[2] not in leave_out]
     if fraction < 1.0:
         kept = []
         for digit in range(10):
@@ -129,7 +134,7 @@ def table(results: dict[tuple[str, float], dict], counts: dict[float, dict], arg
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("run", type=Path, help="the pretrained run (e.g. runs/fsdd/small_full_theo)")
+    p.add_argument("run", type=Path, help="the pretrained run (e.g. runs/fsdd/test_small/augment_s0)")
     p.add_argument("--fsdd", type=Path, default=FSDD, help=f"the FSDD copy (default {FSDD})")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "fsdd_finetune", help="shards and runs")
     p.add_argument("--holdout", default="theo", help="held-out speaker when the run does not say")
@@ -152,11 +157,13 @@ def main() -> int:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - set(VARIANTS):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
-    args.holdout = holdout_of(args.run, args.holdout)
+    args.holdout, leave_out = holdout_of(args.run, args.holdout)
     results, counts = {}, {}
     for fraction in (float(f) for f in args.fractions.split(",")):
         data = args.out / f"data_{args.holdout}_{fraction:g}"
-        counts[fraction] = build(args.fsdd, data, holdout=args.holdout, fraction=fraction, seed=args.seed)
+        counts[fraction] = build(
+            args.fsdd, data, holdout=args.holdout, leave_out=leave_out, fraction=fraction, seed=args.seed
+        )
         for v in args.variants:
             run_dir = args.out / f"{args.run.name}_{v}_{fraction:g}_{args.steps}"
             results[(v, fraction)] = finetune(args.run, data, run_dir, v, args)
