@@ -13,6 +13,7 @@ Variants (``--variants``, each adds to the one before, except emergent):
   recipe       + MAE / MLM / AudioMAE on the shared masked pass, then FLIP's unmasked tuning
   emergent     the augment variant on samples that are image+caption or speech+caption, never
                image+speech, with image_text and text_audio trained: image<->audio is emergent
+On request: siglip (augment with SigLIP for every pair), distill (recipe + an EMA teacher).
 
 Honest by construction: ``--split validation`` (the default) leaves the test speaker out of
 everything, holds out the validation speaker and scores on it; settings are chosen there.
@@ -63,14 +64,20 @@ VARIANTS: dict[str, tuple[str, str, list[str]]] = {  # name: (preset suffix, tra
         "emergent",
         [AUDIO_AUGMENT, 'objectives.contrastive.pairs=["image_text","text_audio"]'],
     ),
+    # the objectives of issue 13, on request (--variants siglip,distill): what each buys over its base
+    "siglip": ("_siglip", "full", [AUDIO_AUGMENT]),  # augment with SigLIP for every pair
+    "distill": ("_distill", "full", [AUDIO_AUGMENT, *VIEWS]),  # recipe + an EMA teacher
 }
+DEFAULT_VARIANTS = ("contrastive", "augment", "views", "recipe", "emergent")
 
 
 def settings(variant: str, args: argparse.Namespace, data_dir: Path, seed: int) -> list[str]:
     """Every ``mmssl train`` setting of one run (the run directory aside)."""
     preset, folder, extra = VARIANTS[variant]
     tuning = (
-        [f"objectives.unmasked_tuning_steps={int(args.steps * args.tuning)}"] if variant == "recipe" else []
+        [f"objectives.unmasked_tuning_steps={int(args.steps * args.tuning)}"]
+        if variant in ("recipe", "distill")
+        else []
     )
     return [
         "--preset", args.size + preset, "--nproc", str(args.nproc),
@@ -204,7 +211,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--fsdd", type=Path, default=FSDD, help=f"the FSDD copy (default {FSDD})")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "fsdd", help="shards and runs go here")
     p.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}"
+        "--variants",
+        default=",".join(DEFAULT_VARIANTS),
+        help=f"comma-separated, of: {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_VARIANTS)})",
     )
     p.add_argument("--split", choices=("validation", "test"), default="validation",
                    help="score the validation speaker (choose settings here) or, once, the test speaker")  # fmt: skip
