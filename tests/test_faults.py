@@ -10,21 +10,20 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from batches import padded_batch
 from gloo_pool import mmssl_rank
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _skip_worker(_: int, out: dict) -> None:
+def _skip_worker(rank: int, world: int) -> dict:
     from mmssl import engine
     from mmssl.presets import get_preset
     from mmssl.task import Task
     from mmssl.train import train_step
 
     cfg = get_preset("tiny")
-    info = engine.init_distributed()
+    info = engine.init_distributed()  # the pool's one-rank group
     eng = engine.Engine(Task(cfg), cfg, info)
     batch = padded_batch(cfg, 4, eot=5, vocab=4000)
 
@@ -43,19 +42,16 @@ def _skip_worker(_: int, out: dict) -> None:
     after_skip = snapshot()
     stepped = train_step(eng, batch, step=1, micro=0)
     after_step = snapshot()
-    out["skipped_is_none"] = skipped is None
-    out["unchanged"] = all(torch.equal(a, b) for a, b in zip(before, after_skip, strict=True))
-    out["changed_after_good_step"] = stepped is not None and not all(
-        torch.equal(a, b) for a, b in zip(before, after_step, strict=True)
-    )
-    engine.shutdown()
+    return {
+        "skipped_is_none": skipped is None,
+        "unchanged": all(torch.equal(a, b) for a, b in zip(before, after_skip, strict=True)),
+        "changed_after_good_step": stepped is not None
+        and not all(torch.equal(a, b) for a, b in zip(before, after_step, strict=True)),
+    }
 
 
-def test_nonfinite_step_changes_no_weight_and_no_optimizer_state():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_skip_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+def test_nonfinite_step_changes_no_weight_and_no_optimizer_state(gloo):
+    (out,) = gloo(1).run(_skip_worker)
     assert out == {"skipped_is_none": True, "unchanged": True, "changed_after_good_step": True}
 
 

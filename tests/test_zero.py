@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from gloo_pool import mmssl_rank
 from test_flops import batch_for
 
@@ -184,11 +183,20 @@ def _fixed_keep(self, batch: int, generator: torch.Generator, device: torch.devi
     return torch.arange(count, device=device).expand(batch, count)
 
 
-def _accumulation_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+def _accumulation_worker(rank: int, world: int) -> dict:
     from mmssl.objectives import MaskedPatchObjective
 
-    MaskedPatchObjective.draw_keep = _fixed_keep
+    draw_keep, MaskedPatchObjective.draw_keep = MaskedPatchObjective.draw_keep, _fixed_keep
+    try:
+        return _accumulate()
+    finally:  # the pool's process serves other tests after this one
+        MaskedPatchObjective.draw_keep = draw_keep
+
+
+def _accumulate() -> dict:
+    from mmssl import engine
+
+    out = {}
     # masked terms only (a mean over rows, so two halves average to the whole); the contrastive loss
     # couples rows across the batch and is weighted 0
     settings = ["objectives.masked_text.enabled=false", "objectives.contrastive.loss.weight=0",
@@ -197,7 +205,7 @@ def _accumulation_worker(_: int, out: dict) -> None:
         get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=4", "optim.grad_accum_steps=2"]
     )
     whole = apply_overrides(get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=8"])
-    info = engine.init_distributed()
+    info = engine.init_distributed()  # the pool's one-rank group
     torch.manual_seed(0)
     task = Task(split.validate())
     initial = [p.detach().clone() for p in task.parameters()]
@@ -225,16 +233,13 @@ def _accumulation_worker(_: int, out: dict) -> None:
     pairs = list(zip(accumulating.module.parameters(), single.module.parameters(), initial, strict=True))
     out["max_difference"] = max((p - q).abs().max().item() for p, q, _ in pairs)
     out["moved"] = max((p - p0).abs().max().item() for p, _, p0 in pairs)
-    engine.shutdown()
+    return out
 
 
-def test_accumulating_two_micro_batches_equals_one_batch_of_both():
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(gloo):
     """ZeRO-2 with 2 micro-batches of 4 per step takes the same step as one batch of 8: the gradient is the
     mean over micro-batches (same norm, same update), and nothing moves inside the window."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_accumulation_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+    (out,) = gloo(1).run(_accumulation_worker)
     assert out["stepped"] == ["accumulating", "stepped"] and out["unchanged_inside_window"]
     accumulated, whole = out["grad_norms"]
     assert whole > 0 and accumulated == pytest.approx(whole, rel=1e-5)
