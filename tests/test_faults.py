@@ -112,10 +112,11 @@ def test_kill_during_checkpoint_save_resumes_from_a_complete_checkpoint(gloo, de
     assert good == "step_00000002"
     assert (ckpt / good / "mmssl.json").is_file()  # written after every rank finished its part
     assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000001", "step_00000002", "step_00000003"]
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
     # resumed on 2 ranks as launched ranks run it (the session's gloo ranks: no second launch to pay)
     gloo(2).run(mmssl_rank, [*common, "train.steps=4", "--resume", "latest"])
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 4
+    assert [r["step"] for r in rows[logged:]] == [3, 4]  # from step 2's checkpoint on, not from 0
     # the resumed run wrote step 3 again, whole, and `latest` names the newest complete checkpoint
     assert (ckpt / "latest").read_text().strip() == "step_00000004"
     assert (ckpt / "step_00000003" / "mmssl.json").is_file()
