@@ -86,7 +86,7 @@ class GlooPool:
         self.world = world
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        port = _free_port()
+        self.port = port = _free_port()
         self.procs = [
             ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True)
             for r in range(world)
@@ -133,3 +133,6 @@ class GlooPool:
             if p.is_alive():
                 p.kill()
                 p.join()
+        from mmssl.engine import remove_shm_buffers
+
+        remove_shm_buffers(self.port)  # DeepSpeed's shared-memory all-reduce buffers, named after the port
