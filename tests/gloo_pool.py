@@ -12,6 +12,8 @@ test.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import queue
 import socket
@@ -43,13 +45,48 @@ def _serve(rank: int, world: int, port: int, tasks: Any, results: Any) -> None:
     # no destroy_process_group: it synchronises the ranks, and the process ends here anyway
 
 
+def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
+    """``mmssl <argv>`` on this rank as the launcher would run it there (rank, world size in the
+    environment; one thread per rank on the CPU), minus the process start-up and imports a launched run
+    pays. The process group is the pool's and outlives the command: mmssl's shutdown at its end is
+    skipped. Returns what the command printed; a command that exits non-zero raises with it."""
+    from mmssl import cli, engine
+
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+    saved = {k: os.environ.get(k) for k in env}
+    threads, shutdown = torch.get_num_threads(), engine.shutdown
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    engine.shutdown = lambda: None
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            try:
+                code = cli.main(argv)
+            except SystemExit as e:
+                code = e.code
+    finally:
+        engine.shutdown = shutdown
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if code:
+        raise RuntimeError(
+            f"mmssl {argv[0]} exited with {code} on rank {rank}:\n{printed.getvalue()[-3000:]}"
+        )
+    return printed.getvalue()
+
+
 class GlooPool:
     def __init__(self, world: int):
         ctx = mp.get_context("spawn")
         self.world = world
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        port = _free_port()
+        self.port = port = _free_port()
         self.procs = [
             ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True)
             for r in range(world)
@@ -96,3 +133,6 @@ class GlooPool:
             if p.is_alive():
                 p.kill()
                 p.join()
+        from mmssl.engine import remove_shm_buffers
+
+        remove_shm_buffers(self.port)  # DeepSpeed's shared-memory all-reduce buffers, named after the port

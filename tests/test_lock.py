@@ -4,7 +4,6 @@ state for the unlocked ones only."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from batches import padded_batch
 
 from mmssl.config import apply_overrides
@@ -79,20 +78,15 @@ def _train(stage: int, info) -> dict:
     }
 
 
-def _train_worker(_: int, out: dict) -> None:
+def _train_worker(rank: int, world: int) -> dict:
     from mmssl import engine
 
-    info = engine.init_distributed()
-    for stage in (2, 3):  # two engines in one process: one start-up of torch and DeepSpeed
-        out[stage] = _train(stage, info)
-    engine.shutdown()
+    info = engine.init_distributed()  # the pool's one-rank group
+    return {stage: _train(stage, info) for stage in (2, 3)}
 
 
-def test_locked_parameters_stay_bit_identical_and_have_no_optimizer_state():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_train_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+def test_locked_parameters_stay_bit_identical_and_have_no_optimizer_state(gloo):
+    (out,) = gloo(1).run(_train_worker)
     for stage in (2, 3):
         result = out[stage]
         assert result["locked"] > 0 and result["locked_unchanged"], stage

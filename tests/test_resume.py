@@ -8,6 +8,7 @@ import http.server
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,20 +98,31 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 # One rank reads its shards over HTTP (the streamed reader's resume: reopen the shard, skip what was
-# taken); two ranks with two loader workers read local files (the indexed reader's).
+# taken); two ranks with two loader workers read local files (the indexed reader's). The 2-rank runs are
+# made once (a fixture) as the universal-checkpoint test starts from their last checkpoint.
 @pytest.mark.parametrize(
     "nproc, workers, where", [(1, 0, "http"), pytest.param(2, 2, "local", marks=pytest.mark.distributed)]
 )
-def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, nproc, workers, where):
-    with contextlib.ExitStack() as stack:
-        shards = stack.enter_context(http_shards(demo_shards / "train")) if where == "http" else demo_shards
-        kill_and_resume(shards, tmp_path, nproc, workers)
+def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, request, nproc, workers, where):
+    if where == "local":
+        runs = request.getfixturevalue("two_rank_kill")
+    else:
+        with http_shards(demo_shards / "train") as shards:
+            runs = kill_and_resume(shards, tmp_path, nproc, workers)
+    check_exact(**runs, nproc=nproc)
 
 
 DISTILL = ("objectives.distill.enabled=true",)  # the masked objectives' pass carries it: no extra pass
 
 
-def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int) -> None:
+@pytest.fixture(scope="module")
+def two_rank_kill(demo_shards, tmp_path_factory) -> dict:
+    return kill_and_resume(demo_shards, tmp_path_factory.mktemp("kill2"), 2, 2)
+
+
+def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int) -> dict:
+    """An uninterrupted run, and a run killed (one rank) at a random step and resumed from its latest
+    checkpoint; their folders, whether the kill came before the end, and the step resumed from."""
     reference = tmp_path / "reference"
     run(command(reference, demo_shards, nproc, workers, *DISTILL))
 
@@ -134,11 +146,16 @@ def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
-    assert job.returncode != 0, "the job finished before it could be killed"
+    killed = job.returncode != 0
     resumed_from = int((faulty / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
-    assert 0 < resumed_from < STEPS
+    if killed and 0 < resumed_from < STEPS:
+        run([*command(faulty, demo_shards, nproc, workers, *DISTILL), "--resume", "latest"])
+    return {"reference": reference, "faulty": faulty, "killed": killed, "resumed_from": resumed_from}
 
-    run([*command(faulty, demo_shards, nproc, workers, *DISTILL), "--resume", "latest"])
+
+def check_exact(*, reference: Path, faulty: Path, killed: bool, resumed_from: int, nproc: int) -> None:
+    assert killed, "the job finished before it could be killed"
+    assert 0 < resumed_from < STEPS
     want, got = losses(reference), losses(faulty)
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
@@ -156,20 +173,26 @@ def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers
 
 
 @pytest.mark.distributed
-def test_resume_on_fewer_ranks_through_a_universal_checkpoint(demo_shards, tmp_path):
+def test_resume_on_fewer_ranks_through_a_universal_checkpoint(two_rank_kill, demo_shards, tmp_path):
     """2 ranks -> 1 rank: the checkpoint is converted to DeepSpeed's universal format and training
-    continues from its step with the weights and optimizer state it had."""
-    run_dir = tmp_path / "shrink"
-    run(command(run_dir, demo_shards, 2, 0, "train.steps=4", "train.record_keys=false"))
+    continues from its step with the weights and optimizer state it had. It starts from a copy of the
+    2-rank run above, finished at step STEPS."""
+    run_dir, done = tmp_path / "shrink", two_rank_kill["faulty"]
+    latest = (done / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{STEPS:08d}"
+    shutil.copytree(done / "checkpoints" / latest, run_dir / "checkpoints" / latest)
+    shutil.copy(done / "checkpoints" / "latest", run_dir / "checkpoints" / "latest")
+    shutil.copy(done / "metrics.jsonl", run_dir / "metrics.jsonl")
+    before = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    more = f"train.steps={STEPS + 2}"
     proc = subprocess.run(
-        [*command(run_dir, demo_shards, 1, 0, "train.steps=6", "train.record_keys=false"), "--resume", "latest"],
+        [*command(run_dir, demo_shards, 1, 0, more, "train.record_keys=false", *DISTILL), "--resume", "latest"],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "written by 2 ranks and this run has 1: converting it to a universal checkpoint" in proc.stderr
-    assert (run_dir / "checkpoints" / "step_00000004_universal").is_dir()
+    assert (run_dir / "checkpoints" / f"{latest}_universal").is_dir()
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert (
-        json.loads((run_dir / "checkpoints" / "step_00000006" / "mmssl.json").read_text())["world_size"] == 1
-    )
+    assert [r["step"] for r in rows[before:]] == [STEPS + 1, STEPS + 2]  # from step STEPS on, not from 0
+    last = run_dir / "checkpoints" / f"step_{STEPS + 2:08d}" / "mmssl.json"
+    assert json.loads(last.read_text())["world_size"] == 1

@@ -4,20 +4,23 @@ Every fp32 variant, trained on 2 CPU ranks, must follow the same loss trajectory
 the same seed and data: partitioning changes where state lives, not what is computed. Each also shows
 where its state went (the placement its engine records beside the checkpoint): offload is checked
 active, not only configured. Accumulation and activation checkpointing are checked in one process for
-what they compute: the gradient of the whole batch, and a second forward of each block in backward."""
+what they compute: the gradient of the whole batch, and a second forward of each block in backward.
+
+The training runs are `mmssl train` as a launched rank runs it, on the session's pool of 2 gloo ranks:
+the same code from the parsed command on, without a launcher's start-up per run (test_end_to_end
+starts ranks as a user does)."""
 
 import copy
 import json
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_pool import mmssl_rank
 from test_flops import batch_for
 
+from mmssl.cli import main
 from mmssl.config import apply_overrides
 from mmssl.objectives.masking import keep_count
 from mmssl.presets import get_preset
@@ -28,41 +31,23 @@ REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
 
 
-def train(run_dir: Path, shards: Path, *overrides: str) -> list[dict]:
-    proc = subprocess.run(
+def train(gloo, run_dir: Path, shards: Path, *overrides: str) -> list[dict]:
+    """`mmssl train` on the session's 2 gloo ranks, each running it as a launched rank does."""
+    gloo(2).run(
+        mmssl_rank,
         [
-            sys.executable,
-            "-m",
-            "mmssl.cli",
-            "train",
-            "--preset",
-            "tiny_masked",
-            "--nproc",
-            "2",
-            "--run-dir",
-            str(run_dir),
-            f"data.train_shards={shards}/train",
-            f"data.eval_shards={shards}/test",
-            "optim.micro_batch_size=8",
-            "train.log_every=1",
-            f"train.steps={STEPS}",
-            f"train.ckpt_every={STEPS}",
-            "data.num_workers=0",
-            "objectives.masked_text.enabled=false",
-            *overrides,
-        ],  # fmt: skip
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            "train", "--preset", "tiny_masked", "--run-dir", str(run_dir),
+            f"data.train_shards={shards}/train", f"data.eval_shards={shards}/test",
+            "optim.micro_batch_size=8", "train.log_every=1", f"train.steps={STEPS}", f"train.ckpt_every={STEPS}",
+            "data.num_workers=0", "objectives.masked_text.enabled=false", *overrides,
+        ],
+    )  # fmt: skip
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
-def reference(demo_shards, tmp_path_factory):
-    return train(tmp_path_factory.mktemp("zero2"), demo_shards, "engine.zero_stage=2")
+def reference(gloo, demo_shards, tmp_path_factory):
+    return train(gloo, tmp_path_factory.mktemp("zero2"), demo_shards, "engine.zero_stage=2")
 
 
 @pytest.mark.parametrize(
@@ -75,8 +60,8 @@ def reference(demo_shards, tmp_path_factory):
     ],
     ids=["zero1", "zero3+checkpointing", "zero2+offload", "zero3+offload"],
 )
-def test_zero_variants_follow_the_same_trajectory(reference, demo_shards, tmp_path, overrides):
-    rows = train(tmp_path / "run", demo_shards, *overrides)
+def test_zero_variants_follow_the_same_trajectory(gloo, reference, demo_shards, tmp_path, overrides):
+    rows = train(gloo, tmp_path / "run", demo_shards, *overrides)
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     for ours, ref in zip(rows, reference, strict=True):
         assert ours["loss"] == pytest.approx(ref["loss"], rel=2e-4, abs=2e-4), (ours["step"], overrides)
@@ -94,20 +79,16 @@ def test_zero_variants_follow_the_same_trajectory(reference, demo_shards, tmp_pa
         expected = placement["param_partitions"] if offloaded else 0
         assert placement["param_partitions_in_cpu_buffers"] == expected, placement
     # a partitioned checkpoint consolidates to the same model that trained (mmssl eval reads it)
-    proc = subprocess.run(
-        [sys.executable, "-m", "mmssl.cli", "eval", str(tmp_path / "run"), "--out", str(tmp_path / "eval")],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "eval")]) == 0
     from_checkpoint = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the evaluation at the end of training (weights gathered from every rank under ZeRO-3) agrees
     at_end = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert from_checkpoint["pairs"] and at_end["pairs"] == from_checkpoint["pairs"]
 
 
-def test_bf16_trains(demo_shards, tmp_path):
+def test_bf16_trains(gloo, demo_shards, tmp_path):
     """bf16 (~100x slower on this CPU, so a short run) trains and stays finite."""
-    rows = train(tmp_path / "bf16", demo_shards, "engine.precision=bf16", "train.steps=2")
+    rows = train(gloo, tmp_path / "bf16", demo_shards, "engine.precision=bf16", "train.steps=2")
     ds = json.loads((tmp_path / "bf16" / "ds_config.json").read_text())
     assert ds["bf16"]["enabled"] is True and len(rows) == 2 and rows[-1]["loss"] < 10
 
@@ -202,11 +183,20 @@ def _fixed_keep(self, batch: int, generator: torch.Generator, device: torch.devi
     return torch.arange(count, device=device).expand(batch, count)
 
 
-def _accumulation_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+def _accumulation_worker(rank: int, world: int) -> dict:
     from mmssl.objectives import MaskedPatchObjective
 
-    MaskedPatchObjective.draw_keep = _fixed_keep
+    draw_keep, MaskedPatchObjective.draw_keep = MaskedPatchObjective.draw_keep, _fixed_keep
+    try:
+        return _accumulate()
+    finally:  # the pool's process serves other tests after this one
+        MaskedPatchObjective.draw_keep = draw_keep
+
+
+def _accumulate() -> dict:
+    from mmssl import engine
+
+    out = {}
     # masked terms only (a mean over rows, so two halves average to the whole); the contrastive loss
     # couples rows across the batch and is weighted 0
     settings = ["objectives.masked_text.enabled=false", "objectives.contrastive.loss.weight=0",
@@ -215,7 +205,7 @@ def _accumulation_worker(_: int, out: dict) -> None:
         get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=4", "optim.grad_accum_steps=2"]
     )
     whole = apply_overrides(get_preset("tiny_masked"), [*settings, "optim.micro_batch_size=8"])
-    info = engine.init_distributed()
+    info = engine.init_distributed()  # the pool's one-rank group
     torch.manual_seed(0)
     task = Task(split.validate())
     initial = [p.detach().clone() for p in task.parameters()]
@@ -243,16 +233,13 @@ def _accumulation_worker(_: int, out: dict) -> None:
     pairs = list(zip(accumulating.module.parameters(), single.module.parameters(), initial, strict=True))
     out["max_difference"] = max((p - q).abs().max().item() for p, q, _ in pairs)
     out["moved"] = max((p - p0).abs().max().item() for p, _, p0 in pairs)
-    engine.shutdown()
+    return out
 
 
-def test_accumulating_two_micro_batches_equals_one_batch_of_both():
+def test_accumulating_two_micro_batches_equals_one_batch_of_both(gloo):
     """ZeRO-2 with 2 micro-batches of 4 per step takes the same step as one batch of 8: the gradient is the
     mean over micro-batches (same norm, same update), and nothing moves inside the window."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_accumulation_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+    (out,) = gloo(1).run(_accumulation_worker)
     assert out["stepped"] == ["accumulating", "stepped"] and out["unchanged_inside_window"]
     accumulated, whole = out["grad_norms"]
     assert whole > 0 and accumulated == pytest.approx(whole, rel=1e-5)
