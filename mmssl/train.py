@@ -270,8 +270,9 @@ class Trainer:
         self.last = self.log.log(self.step, logged)
         self.data_wait = 0.0
         self.first_loss = self.last["loss"] if self.first_loss is None else self.first_loss
-        # data2vec's guard, on the variances just averaged over ranks (every rank reaches the same verdict)
-        if self.task.distill is not None and (
+        # data2vec's guard, on the variances just averaged over ranks (every rank reaches the same verdict);
+        # a fine-tuning task has no distillation
+        if getattr(self.task, "distill", None) is not None and (
             why := collapse(self.cfg.objectives.distill, self.step, logged)
         ):
             self.log.write(why)
