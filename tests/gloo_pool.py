@@ -45,6 +45,20 @@ def _serve(rank: int, world: int, port: int, tasks: Any, results: Any) -> None:
     # no destroy_process_group: it synchronises the ranks, and the process ends here anyway
 
 
+def launcher_env(rank: int, world: int) -> dict[str, str]:
+    """What DeepSpeed's launcher puts in a rank's environment (the pool's address and port are set)."""
+    return {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+
+
+def engine_rank(rank: int, world: int) -> Any:
+    """This pool rank as mmssl's engine sees a launched one: the launcher's environment, then
+    ``engine.init_distributed``, which joins the pool's process group. Returns its ``DistInfo``."""
+    from mmssl import engine
+
+    os.environ.update(launcher_env(rank, world))
+    return engine.init_distributed()
+
+
 def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
     """``mmssl <argv>`` on this rank as the launcher would run it there (rank, world size in the
     environment; one thread per rank on the CPU), minus the process start-up and imports a launched run
@@ -52,7 +66,7 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
     skipped. Returns what the command printed; a command that exits non-zero raises with it."""
     from mmssl import cli, engine
 
-    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world)}
+    env = launcher_env(rank, world)
     saved = {k: os.environ.get(k) for k in env}
     threads, shutdown = torch.get_num_threads(), engine.shutdown
     os.environ.update(env)

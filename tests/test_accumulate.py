@@ -5,13 +5,13 @@ with its own masks); plain "local" accumulation does not. Then a short `mmssl tr
 with a non-finite window skipped as a unit."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_pool import engine_rank
 
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
 
@@ -83,8 +83,7 @@ def _worker(rank: int, world: int, ds_config: str) -> dict:
     from mmssl.task import Task
     from mmssl.train import train_step
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    info = engine.init_distributed()  # joins the pool's process group
+    info = engine_rank(rank, world)  # joins the pool's process group
     cfg = get_preset("tiny_masked")
     cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps = B, K
     cfg.optim.lr = 0.0  # the weights stay put, so both modes see the same ones

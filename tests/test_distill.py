@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from batches import padded_batch
+from gloo_pool import engine_rank
 
 from mmssl.config import DistillConfig, apply_overrides
 from mmssl.objectives.distill import collapse, instance_norm, momentum_at
@@ -139,12 +140,9 @@ def test_engine_updates_the_teacher_after_each_step_and_a_resumed_engine_continu
 
 
 def _zero_worker(rank: int, world: int) -> dict:
-    import os
-
     from mmssl import engine
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    info = engine.init_distributed()  # joins the pool's process group
+    info = engine_rank(rank, world)  # joins the pool's process group
     result = {}
     for stage in (2, 3):
         cfg = get_preset("tiny_distill")

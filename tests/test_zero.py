@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from gloo_pool import mmssl_rank
+from gloo_pool import engine_rank, mmssl_rank
 from test_flops import batch_for
 
 from mmssl.cli import main
@@ -126,13 +126,10 @@ def _bounded_run(model) -> list[list[float]]:
 
 
 def _clamp_worker(rank: int, world: int) -> dict:
-    import os
-
     from mmssl import engine
     from mmssl.presets import get_preset
 
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
-    info = engine.init_distributed()  # joins the pool's process group
+    info = engine_rank(rank, world)  # joins the pool's process group
     out = {}
     for stage in (2, 3):
         cfg = get_preset("tiny")
