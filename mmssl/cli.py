@@ -183,6 +183,7 @@ def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -
     tag = engine.latest_tag(ckpt_dir) if resume == "latest" else resume
     if not (ckpt_dir / tag).is_dir():
         raise ValueError(f"--resume {resume}: there is no checkpoint {ckpt_dir / tag}")
+    check_same_head(cfg, ckpt_dir.parent / "config.json")
     saved = engine.saved_world_size(ckpt_dir, tag)
     if tag.endswith("_universal"):
         cfg.engine.load_universal = True
@@ -192,6 +193,19 @@ def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -
         tag = engine.to_universal(ckpt_dir, tag)
         cfg.engine.load_universal = True
     return tag
+
+
+def check_same_head(cfg: RunConfig, saved: Path) -> None:
+    """A resumed run must build the parameters its checkpoint holds: a run saved untied (before
+    ``objectives.masked_text.tie_head`` existed, or with it false) cannot resume tied, nor the reverse."""
+    if not saved.is_file():
+        return
+    before, now = load_json(saved).objectives.masked_text, cfg.objectives.masked_text
+    if before.enabled and now.enabled and before.tie_head != now.tie_head:
+        raise ValueError(
+            f"--resume: {saved} trained with objectives.masked_text.tie_head={str(before.tie_head).lower()}: "
+            f"set it so (or resume with --config {saved})"
+        )
 
 
 def _has_cuda() -> bool:

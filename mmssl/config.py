@@ -341,6 +341,10 @@ class MaskedTextConfig:
     select_prob: float = 0.15
     mask_prob: float = 0.8
     random_prob: float = 0.1
+    # the native tower's head predicts with the token embedding as its output layer (BERT's tying: V x D
+    # fewer parameters; the head keeps its own output bias). A Hugging Face tower's head is its model's
+    # own, tied as that model is. A run saved before this setting existed loads with false (SAVED_BEFORE)
+    tie_head: bool = True
 
     def validate(self, path: str) -> None:
         self.loss.validate(f"{path}.loss")
@@ -873,11 +877,30 @@ def url_credentials(cfg: RunConfig) -> dict[str, str]:
     return credentials(json.dumps(to_dict(cfg)))
 
 
+# Settings added after runs were saved without them, with the value those runs trained with (a new run's
+# default may differ): a saved config.json that lacks one rebuilds the model it was trained as.
+SAVED_BEFORE: dict[str, Any] = {"objectives.masked_text.tie_head": False}
+
+
+def with_saved_before(data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config's plain data with each :data:`SAVED_BEFORE` setting it lacks filled in (in place)
+    wherever its parent section is present."""
+    for dotted, value in SAVED_BEFORE.items():
+        *parents, name = dotted.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(name, value)
+    return data
+
+
 def load_json(path: str | Path, credentials: dict[str, str] | None = None) -> RunConfig:
+    """A config.json written by :func:`save_json`, by this version or an earlier one (see SAVED_BEFORE)."""
     text = Path(path).read_text()
     for masked, real in (credentials or {}).items():
         text = text.replace(masked, real)
-    return from_dict(RunConfig, json.loads(text))
+    return from_dict(RunConfig, with_saved_before(json.loads(text)))
 
 
 def _field_names(obj: Any) -> set[str]:

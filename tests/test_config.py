@@ -97,3 +97,39 @@ def test_image_augment_reaches_the_training_stream_only_when_it_does_something()
     assert stream_config(cfg, train=True).image.augment == ImageAugment(flip=0.5)
     off = apply_overrides(cfg, ["data.image_augment.crop=false", "data.image_augment.flip=0"])
     assert stream_config(off, train=True).image.augment is None  # no draws from the generator at all
+
+
+def test_a_config_saved_before_tie_head_loads_untied(tmp_path):
+    """New runs tie the MLM head to the token embedding; a run's config.json written before
+    ``objectives.masked_text.tie_head`` existed rebuilds the untied head it trained (its checkpoint holds
+    one), so resuming, evaluating and exporting it still work. A saved value is kept either way."""
+    import json
+
+    from mmssl.task import Task
+
+    cfg = get_preset("tiny_masked")
+    assert cfg.objectives.masked_text.tie_head
+    old = to_dict(cfg)
+    del old["objectives"]["masked_text"]["tie_head"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    loaded = load_json(tmp_path / "config.json")
+    assert loaded.objectives.masked_text.tie_head is False
+    task = Task(loaded.validate())
+    assert task.masked_text.head[-1].weight is not task.model.text.token_embedding.weight
+    for saved in (True, False):
+        cfg.objectives.masked_text.tie_head = saved
+        save_json(cfg, tmp_path / "new.json")
+        assert load_json(tmp_path / "new.json").objectives.masked_text.tie_head is saved
+
+
+def test_resuming_with_the_other_head_is_refused(tmp_path):
+    """A checkpoint holds an untied head or none: resuming it tied (or the reverse) is one clear line."""
+    from mmssl.cli import check_same_head
+
+    cfg = get_preset("tiny_masked")
+    cfg.objectives.masked_text.tie_head = False
+    save_json(cfg, tmp_path / "config.json")
+    check_same_head(cfg, tmp_path / "config.json")  # as saved: fine
+    cfg.objectives.masked_text.tie_head = True
+    with pytest.raises(ValueError, match="tie_head=false"):
+        check_same_head(cfg, tmp_path / "config.json")

@@ -255,3 +255,40 @@ def test_unmasked_tuning_is_checked():
     cfg.objectives.unmasked_tuning_steps = cfg.train.steps + 1
     with pytest.raises(ValueError, match="more than train.steps"):
         cfg.validate()
+
+
+def test_tied_mlm_head_is_the_token_embedding_and_gets_both_gradients():
+    """``objectives.masked_text.tie_head`` (the default): the head's output weight is the token embedding
+    itself (one parameter, one storage) and its bias its own; the task has exactly V x D parameters
+    fewer than untied, every other initial weight the same. The one weight's gradient is the sum of the
+    two an untied task with equal weights gives its embedding and its head (BERT's tying)."""
+    tasks = {}
+    for tie in (True, False):
+        cfg = get_preset("tiny_masked")
+        cfg.objectives.masked_text.tie_head = tie
+        torch.manual_seed(0)
+        tasks[tie] = Task(cfg.validate())
+    tied, untied = tasks[True], tasks[False]
+    embedding, out = tied.model.text.token_embedding.weight, tied.masked_text.head[-1]
+    assert (
+        out.weight is embedding
+        and out.weight.untyped_storage().data_ptr() == embedding.untyped_storage().data_ptr()
+    )
+    assert out.bias is not None and out.bias.shape == (MODEL.text.vocab_size,)
+    assert untied.masked_text.head[-1].weight is not untied.model.text.token_embedding.weight
+    count = {tie: sum(p.numel() for p in task.parameters()) for tie, task in tasks.items()}
+    assert count[False] - count[True] == MODEL.text.vocab_size * MODEL.text.width
+    head_weight = "masked_text.head.3.weight"
+    untied_state = untied.state_dict()
+    assert all(torch.equal(v, untied_state[k]) for k, v in tied.state_dict().items() if k != head_weight)
+
+    with torch.no_grad():
+        untied.masked_text.head[-1].weight.copy_(embedding)
+    b = 4
+    batch = {"image": images(b), "text": texts(b), "audio": spectrograms(b)}
+    batch["present"] = {m: torch.ones(b, dtype=torch.bool) for m in ("image", "text", "audio")}
+    for task in (tied, untied):
+        task(batch, step=0)["loss"].backward()
+    both = untied.model.text.token_embedding.weight.grad + untied.masked_text.head[-1].weight.grad
+    assert untied.masked_text.head[-1].weight.grad.abs().sum() > 0
+    assert torch.allclose(embedding.grad, both, atol=1e-6)

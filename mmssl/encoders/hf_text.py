@@ -126,8 +126,9 @@ class HFTextTower(nn.Module):
     def forward(self, text: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(text), text)
 
-    def masked_lm_head(self) -> nn.Module:
-        """The model's own masked-LM head, ``[..., D] -> [..., V]``, with the weights it was loaded with."""
+    def masked_lm_head(self, *, tie: bool = True) -> nn.Module:
+        """The model's own masked-LM head, ``[..., D] -> [..., V]``, with the weights it was loaded with,
+        tied to the word embeddings as the model's config says (``tie`` is the native tower's choice)."""
         if self._head[0] is None or self.vocab.mask is None:
             what = "masked-LM head" if self._head[0] is None else "[MASK] token"
             raise ValueError(

@@ -92,7 +92,15 @@ class TextTower(nn.Module):
     def forward(self, text: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(text), text)
 
-    def masked_lm_head(self) -> nn.Module:
-        """A fresh head from token features to vocabulary logits, ``[..., D] -> [..., V]`` (BERT's shape)."""
+    def masked_lm_head(self, *, tie: bool = False) -> nn.Module:
+        """A fresh head from token features to vocabulary logits, ``[..., D] -> [..., V]`` (BERT's shape).
+        ``tie``: its output layer's weight is the token embedding itself (BERT), the same ``[V, D]``
+        parameter, so the head adds no ``V x D`` weight of its own; its output bias stays the head's.
+        The shared parameter is registered in both modules, as Hugging Face ties its heads: DeepSpeed
+        keeps one copy of it (ZeRO-3 gathers it for whichever module runs, and records the second name
+        in its checkpoints), and ``parameters()`` yields it once, so the optimizer steps it once."""
         w = self.cfg.width
-        return nn.Sequential(nn.Linear(w, w), nn.GELU(), LayerNorm(w), nn.Linear(w, self.cfg.vocab_size))
+        out = nn.Linear(w, self.cfg.vocab_size)  # drawn even when tied: the other weights stay as untied
+        if tie:
+            out.weight = self.token_embedding.weight
+        return nn.Sequential(nn.Linear(w, w), nn.GELU(), LayerNorm(w), out)

@@ -41,7 +41,8 @@ def ordinary_tokens(text: Tensor, vocab: Vocabulary) -> Tensor:
 
 class MaskedTextObjective(nn.Module):
     """On any text tower offering ``vocab``, ``context_length`` and ``masked_lm_head()``: the native
-    tower's head is fresh, a Hugging Face tower's is its model's own masked-LM head."""
+    tower's head is fresh (its output layer tied to the token embedding with ``tie_head``), a Hugging
+    Face tower's is its model's own masked-LM head."""
 
     def __init__(self, cfg: MaskedTextConfig, tower: TextTower):
         super().__init__()
@@ -49,7 +50,7 @@ class MaskedTextObjective(nn.Module):
         self.vocab = tower.vocab
         assert self.vocab.mask is not None, "the text tower has no [MASK] id"
         self.slots = selection_slots(tower.context_length, cfg.select_prob)
-        self.head = tower.masked_lm_head()
+        self.head = tower.masked_lm_head(tie=cfg.tie_head)
 
     def corrupt(self, text: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
         """Token ids ``[B, L]`` -> corrupted ids ``[B, L]``, slot positions ``[B, K]`` and which slots are
