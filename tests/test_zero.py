@@ -3,7 +3,8 @@
 Every fp32 variant, trained on 2 CPU ranks, must follow the same loss trajectory as plain ZeRO-2 from
 the same seed and data: partitioning changes where state lives, not what is computed. Each also shows
 where its state went (the placement its engine records beside the checkpoint): offload is checked
-active, not only configured. Accumulation and activation checkpointing are checked in one process for
+active, not only configured. The runs train tiny_masked with every masked objective on, the MLM head
+tied to the token embedding (one parameter in two modules): each variant's checkpoint keeps the tie. Accumulation and activation checkpointing are checked in one process for
 what they compute: the gradient of the whole batch, and a second forward of each block in backward.
 
 The training runs are `mmssl train` as a launched rank runs it, on the session's pool of 2 gloo ranks:
@@ -18,8 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 from gloo_pool import engine_rank, mmssl_rank
+from safetensors.torch import load_file
 from test_flops import batch_for
 
+from mmssl.checkpoint import task_state
 from mmssl.cli import main
 from mmssl.config import apply_overrides
 from mmssl.objectives.masking import keep_count
@@ -39,7 +42,7 @@ def train(gloo, run_dir: Path, shards: Path, *overrides: str) -> list[dict]:
             "train", "--preset", "tiny_masked", "--run-dir", str(run_dir),
             f"data.train_shards={shards}/train", f"data.eval_shards={shards}/test",
             "optim.micro_batch_size=8", "train.log_every=1", f"train.steps={STEPS}", f"train.ckpt_every={STEPS}",
-            "data.num_workers=0", "objectives.masked_text.enabled=false", *overrides,
+            "data.num_workers=0", *overrides,
         ],
     )  # fmt: skip
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -78,12 +81,23 @@ def test_zero_variants_follow_the_same_trajectory(gloo, reference, demo_shards, 
         assert placement["params_offloaded"] == offloaded and placement["param_partitions"] > 0
         expected = placement["param_partitions"] if offloaded else 0
         assert placement["param_partitions_in_cpu_buffers"] == expected, placement
+    # the MLM head tied to the token embedding (the default) stayed one weight under partitioning: the
+    # checkpoint consolidates both names to the same trained values
+    state = task_state(tmp_path / "run")[0]
+    assert "masked_text_loss" in rows[-1]
+    assert torch.equal(state["masked_text.head.3.weight"], state["model.text.token_embedding.weight"])
     # a partitioned checkpoint consolidates to the same model that trained (mmssl eval reads it)
     assert main(["eval", str(tmp_path / "run"), "--out", str(tmp_path / "eval")]) == 0
     from_checkpoint = json.loads((tmp_path / "eval" / "eval.json").read_text())
     # the evaluation at the end of training (weights gathered from every rank under ZeRO-3) agrees
     at_end = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert from_checkpoint["pairs"] and at_end["pairs"] == from_checkpoint["pairs"]
+    if stage == 3:  # `mmssl export` of the tied, partitioned run: the towers' weights as consolidated
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "export")]) == 0
+        exported = load_file(str(tmp_path / "export" / "model.safetensors"))
+        assert torch.equal(
+            exported["text.token_embedding.weight"], state["model.text.token_embedding.weight"]
+        )
 
 
 def test_bf16_trains(gloo, demo_shards, tmp_path):
