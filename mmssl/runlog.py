@@ -93,6 +93,7 @@ class RunLog:
             self._writer = SummaryWriter(str(run_dir / "tb"))
             self._jsonl = open(run_dir / "metrics.jsonl", "a" if start_step else "w")  # noqa: SIM115 - kept open
         self._last = self._start = (time.perf_counter(), start_step)
+        self._warned_mfu = False
 
     def advance(self) -> None:
         self._bar.update(1)
@@ -125,6 +126,14 @@ class RunLog:
         if step > s0:
             row.update(self.rates(step - s0, now - t0, wait, done))
         self.rows.append(row)
+        if row.get("mfu", 0.0) > MFU_CEILING and not self._warned_mfu:
+            self._warned_mfu = True
+            self.write(
+                f"warning: MFU {row['mfu']:.0%} is above 100%: the peak it is measured against "
+                f"({self.throughput.peak_flops / 1e9:.1f} GFLOP/s per rank) read low. On CPU it is a matmul "
+                "probe cached in $MMSSL_CACHE/cpu_peak.json (default ~/.cache/mmssl): delete it to probe "
+                "again. metrics.jsonl keeps the ratio; the log shows >100%"
+            )
         if self.enabled:
             for name, value in row.items():
                 if name != "step":
@@ -134,7 +143,7 @@ class RunLog:
             if self.interactive:
                 postfix = {"loss": f"{row['loss']:.3f}", "sps": f"{row.get('samples_per_s', 0):.0f}"}
                 if "mfu" in row:
-                    postfix["mfu"] = f"{100 * row['mfu']:.1f}%"
+                    postfix["mfu"] = mfu_text(row["mfu"])
                 self._bar.set_postfix(postfix)
             else:
                 self.write(self.line(row, now))
@@ -146,7 +155,7 @@ class RunLog:
         if "samples_per_s" in row:
             parts.append(f"{row['samples_per_s']:.0f} samples/s")
         if "mfu" in row:
-            parts.append(f"MFU {row['mfu']:.1%}")
+            parts.append(f"MFU {mfu_text(row['mfu'])}")
         if "data_wait" in row:
             parts.append(f"data wait {row['data_wait']:.0%}")
         t0, s0 = self._start
@@ -168,6 +177,16 @@ class RunLog:
         if self.enabled:
             self._writer.close()
             self._jsonl.close()
+
+
+# No step does more work than its device's peak: a ratio above this says the peak read low, not that
+# the run is fast (a CPU probe timed while another rank started up read 5x low once: MFU 450-490%)
+MFU_CEILING = 1.0
+
+
+def mfu_text(mfu: float) -> str:
+    """``"41.3%"``, or ``">100%"`` above :data:`MFU_CEILING` (the figure is not believable)."""
+    return f"{mfu:.1%}" if mfu <= MFU_CEILING else f">{MFU_CEILING:.0%}"
 
 
 def duration(seconds: float) -> str:

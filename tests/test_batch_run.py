@@ -84,6 +84,29 @@ def test_plain_log_lines_off_a_terminal(tmp_path, capsys):
     assert "\r" not in captured.out + captured.err
 
 
+def test_mfu_above_the_peak_is_flagged_not_shown(tmp_path, capsys):
+    """An MFU over 100% means the peak read low (a CPU probe timed under load): the line shows >100%,
+    one warning says why and how to probe again, and metrics.jsonl keeps the ratio."""
+    log = runlog.RunLog(
+        tmp_path,
+        enabled=True,
+        total_steps=100,
+        start_step=0,
+        throughput=runlog.Throughput(samples_per_step=8, world_size=1, peak_flops=1.0),
+        interactive=False,
+    )
+    for step in (1, 2):
+        time.sleep(0.01)
+        log.advance()
+        log.log(step, {"loss": 2.5, "data_wait_seconds": 0.0, "flops_done": 1e6})
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("warning: MFU") == 1 and "read low" in out and "cpu_peak.json" in out
+    assert out.count("MFU >100%,") == 2
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(row["mfu"] > 1 for row in rows)
+
+
 def test_progress_bar_on_a_terminal(tmp_path, monkeypatch):
     bar = io.StringIO()
     monkeypatch.setattr(sys, "stderr", bar)

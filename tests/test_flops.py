@@ -8,7 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID, apply_overrides
-from mmssl.flops import cpu_peak, gpu_peak, train_flops_per_sample
+from mmssl.flops import cpu_peak, gpu_peak, matmul_rate, train_flops_per_sample
 from mmssl.presets import get_preset
 from mmssl.task import Task
 
@@ -62,6 +62,21 @@ def test_peaks(tmp_path):
     cache.write_text('{"half-written')  # a torn file is measured again, not a crash
     assert cpu_peak(1, cache=cache, size=256, seconds=0.05) > 1e8 and json.loads(cache.read_text())
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_probe_warms_up_then_takes_the_best_of_its_timed_batches():
+    """A fake clock each call advances: the warm-up's slow calls (a cold thread pool, a neighbour
+    starting up) size the batches but are not timed; of the timed batches the fastest counts, not
+    their mean, nor the first (the probe's old single timing)."""
+    durations = iter([4.0, 4.0, 4.0] + [3.0, 0.5, 1.0, 2.0])  # warm-up, then 4 timed batches of 1 call
+    now = [0.0]
+
+    def matmul():
+        now[0] += next(durations)
+
+    rate = matmul_rate(matmul, 100.0, warmup=1.0, repeats=4, seconds=4.0, clock=lambda: now[0])
+    assert rate == pytest.approx(100.0 / 0.5)
+    assert next(durations, None) is None  # every timed batch ran
 
 
 def test_work_counts_trimmed_text_batches_at_their_real_size():
