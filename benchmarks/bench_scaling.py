@@ -1,0 +1,175 @@
+"""Data-parallel scaling on one machine's cores: the same global batch trained by 1 rank x 2 threads
+and by 2 ranks x 1 thread, and what the gradient all-reduce costs per step.
+
+Each layout is one ``mmssl train`` run (DeepSpeed, the preset's ZeRO stage, fp32 CPU) on synthetic
+image-text-audio shards written here; samples/s is the median of its own log rows after the warm-up
+(the last row, which also covers the checkpoint save, left out). Scaling efficiency is samples/s of
+2 ranks x 1 thread over 1 rank x 2 threads: the same cores, split between ranks instead of between
+one rank's threads (1.0: data parallelism costs nothing over intra-op threading; target >= 0.95).
+
+The all-reduce: 2 spawned ranks, 1 thread each, time an all-reduce of an fp32 tensor the size of
+the task's trainable parameters (one step's gradients), through torch.distributed on gloo (what
+ZeRO's reduction uses on CPU) and through DeepSpeed's shared-memory all-reduce
+(``deepspeed.comm.inference_all_reduce``, when its CPU op builds); median of ``--reduce-reps``.
+
+    .venv/bin/python benchmarks/bench_scaling.py                 # small preset, ~3 min on 2 cores
+    .venv/bin/python benchmarks/bench_scaling.py --preset tiny --steps 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TARGET = 0.95
+LAYOUTS = {"1 rank x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}  # (ranks, threads per rank)
+
+
+def write_data(out: Path, image_size: int) -> Path:
+    from data_pipelines import synthetic_samples, write_shards
+
+    if not (out / "sizes.json").is_file():
+        write_shards(synthetic_samples(256, seed=1, image_size=image_size), out, max_count=64)
+    return out
+
+
+def train(args: argparse.Namespace, shards: Path, out: Path, ranks: int, threads: int) -> dict:
+    """One run of ``ranks`` x ``threads`` at the global batch ``args.batch``; its throughput figures."""
+    run_dir = out / f"{ranks}x{threads}"
+    steps = args.warmup + args.steps
+    command = [
+        sys.executable, "-m", "mmssl.cli", "train", "--preset", args.preset, "--nproc", str(ranks),
+        "--run-dir", str(run_dir), f"data.train_shards={shards}", f"optim.micro_batch_size={args.batch // ranks}",
+        f"train.steps={steps}", f"train.log_every={args.log_every}", f"train.ckpt_every={10 * steps}",
+        "train.eval_at_end=false", *args.overrides,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MMSSL_CACHE": str(out / "cache")}
+    log = out / f"{run_dir.name}.log"
+    with open(log, "w") as f:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"bench_scaling: the {ranks} x {threads} run failed; see {log}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["step"] > args.warmup and "samples_per_s" in r]
+    kept = kept[:-1] if len(kept) > 1 else kept  # the final row also covers the checkpoint save
+    return {
+        "samples_per_s": statistics.median(r["samples_per_s"] for r in kept),
+        "data_wait": statistics.median(r["data_wait"] for r in kept),
+        "rows": len(kept),
+    }
+
+
+def _reduce_worker(rank: int, world: int, port: int, numel: int, reps: int, out: dict) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )  # fmt: skip
+    import deepspeed
+    import deepspeed.comm as ds_comm
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    grads = torch.randn(numel)
+
+    def timed(reduce) -> float:
+        reduce(grads)  # warm-up (buffers, connections)
+        seconds = []
+        for _ in range(reps):
+            dist.barrier()
+            start = time.perf_counter()
+            reduce(grads)
+            seconds.append(time.perf_counter() - start)
+        return statistics.median(seconds)
+
+    result = {"gloo": timed(lambda t: dist.all_reduce(t))}
+    shm = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
+    if shm:
+        result["deepspeed shm"] = timed(lambda t: ds_comm.inference_all_reduce(t, op=dist.ReduceOp.SUM))
+    if rank == 0:
+        out.update(result)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def all_reduce_seconds(numel: int, reps: int) -> dict[str, float]:
+    """{"gloo": s, "deepspeed shm": s (when its op is available)}: median seconds of one all-reduce of
+    ``numel`` fp32 values on 2 local ranks."""
+    import torch.multiprocessing as mp
+
+    from mmssl.engine import free_port, remove_shm_buffers
+
+    port = free_port()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        try:
+            mp.spawn(_reduce_worker, args=(2, port, numel, reps, out), nprocs=2, join=True)
+        finally:
+            remove_shm_buffers(port)
+        return dict(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=64, help="global batch, the same for both layouts")
+    p.add_argument("--warmup", type=int, default=5, help="steps not measured (a multiple of --log-every)")
+    p.add_argument("--steps", type=int, default=20, help="measured steps")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--reduce-reps", type=int, default=10)
+    p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_scaling")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")
+    args = p.parse_args()
+    if args.batch % 2:
+        raise SystemExit("bench_scaling: --batch must be even (2 ranks share it)")
+
+    from mmssl.config import apply_overrides
+    from mmssl.presets import get_preset
+    from mmssl.task import Task
+
+    cfg = apply_overrides(get_preset(args.preset), args.overrides)
+    out = args.out / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = write_data(out / "data", cfg.model.image.image_size if cfg.model.image else 32)
+    started = time.time()
+    results = {name: train(args, shards, out, *layout) for name, layout in LAYOUTS.items()}
+    numel = sum(p.numel() for p in Task(cfg).parameters() if p.requires_grad)
+    reduce = all_reduce_seconds(numel, args.reduce_reps)
+
+    one, two = (results[name]["samples_per_s"] for name in LAYOUTS)
+    efficiency = two / one
+    print(f"\n{args.preset}, global batch {args.batch}, {args.steps} measured steps after {args.warmup}, "
+          f"fp32 CPU, load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(f"{'layout':<22}{'samples/s':>11}{'ms/step':>9}{'data wait':>11}")
+    for name, r in results.items():
+        print(f"{name:<22}{r['samples_per_s']:>11.1f}{1000 * args.batch / r['samples_per_s']:>9.0f}"
+              f"{r['data_wait']:>11.0%}")  # fmt: skip
+    verdict = "met" if efficiency >= TARGET else "missed"
+    print(f"scaling efficiency (2 ranks x 1 thread / 1 rank x 2 threads): {efficiency:.3f} "
+          f"(target >= {TARGET}: {verdict})")  # fmt: skip
+    step_ms = 1000 * args.batch / two
+    print(
+        f"all-reduce of one step's gradients ({numel / 1e6:.2f}M fp32, {4 * numel / 2**20:.1f} MiB), 2 ranks:"
+    )
+    for name, seconds in reduce.items():
+        print(f"  {name:<14}{1000 * seconds:>8.1f} ms = {1000 * seconds / step_ms:.1%} of a 2-rank step")
+    if "deepspeed shm" not in reduce:
+        print("  deepspeed shm: unavailable (its CPU op did not build here)")
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "layouts": results,
+              "efficiency": efficiency, "all_reduce_seconds": reduce, "numel": numel,
+              "wall_seconds": time.time() - started}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"written: {out / 'results.json'} ({time.time() - started:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
