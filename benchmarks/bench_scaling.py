@@ -123,7 +123,7 @@ def main() -> None:
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=64, help="global batch, the same for both layouts")
     p.add_argument("--warmup", type=int, default=5, help="steps not measured (a multiple of --log-every)")
-    p.add_argument("--steps", type=int, default=20, help="measured steps")
+    p.add_argument("--steps", type=int, default=15, help="measured steps")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--reduce-reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_scaling")
