@@ -156,6 +156,9 @@ def main() -> None:
     verdict = "met" if efficiency >= TARGET else "missed"
     print(f"scaling efficiency (2 ranks x 1 thread / 1 rank x 2 threads): {efficiency:.3f} "
           f"(target >= {TARGET}: {verdict})")  # fmt: skip
+    if efficiency > 1.05:  # ranks cannot beat threads on the same cores by this much on a quiet machine
+        print("  (above 1: one rank's 2 threads stall whenever the machine runs something else, as an op waits"
+              " for its slowest thread; measure again on a quiet machine)")  # fmt: skip
     step_ms = 1000 * args.batch / two
     print(
         f"all-reduce of one step's gradients ({numel / 1e6:.2f}M fp32, {4 * numel / 2**20:.1f} MiB), 2 ranks:"
