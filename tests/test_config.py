@@ -97,3 +97,29 @@ def test_image_augment_reaches_the_training_stream_only_when_it_does_something()
     assert stream_config(cfg, train=True).image.augment == ImageAugment(flip=0.5)
     off = apply_overrides(cfg, ["data.image_augment.crop=false", "data.image_augment.flip=0"])
     assert stream_config(off, train=True).image.augment is None  # no draws from the generator at all
+
+
+def test_objectives_configs_live_apart_and_are_re_exported():
+    """mmssl/objectives_config.py holds the objectives' configs; every one is still importable from
+    mmssl.config (the same class), and the module imports nothing of mmssl but the shared leaf (no
+    import circle with mmssl.config)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import mmssl.config
+    import mmssl.objectives_config
+
+    moved = [
+        name
+        for name, obj in vars(mmssl.objectives_config).items()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == "mmssl.objectives_config"
+    ]
+    assert "ObjectivesConfig" in moved and "DistillConfig" in moved and len(moved) >= 9
+    for name in [*moved, "ContrastiveKind"]:
+        assert getattr(mmssl.config, name) is getattr(mmssl.objectives_config, name), name
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mmssl.objectives_config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mmssl'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert loaded == str(["mmssl", "mmssl.config_checks", "mmssl.objectives_config"])
