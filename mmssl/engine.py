@@ -559,7 +559,23 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
             raise RuntimeError(
                 f"converting {ckpt_dir}/{tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
             )
+    rename_legacy_params(out / "zero")
     return out_tag
+
+
+def rename_legacy_params(zero_dir: Path) -> None:
+    """A universal checkpoint holds one folder per parameter, named as the parameter was when it was
+    saved, and DeepSpeed looks each one up by today's name: rename the folders of parameters renamed
+    since (the masked patch objectives' decoder, now a shared ``PatchDecoder``; their module state-dict
+    keys are renamed on load by a pre-hook with the same mapping)."""
+    from mmssl.objectives.masked_patches import legacy_decoder_key
+
+    for folder in sorted(zero_dir.iterdir()):
+        objective, dot, key = folder.name.partition(".")
+        if objective in ("masked_image", "masked_audio") and dot:
+            new = f"{objective}.{legacy_decoder_key(key)}"
+            if new != folder.name:
+                folder.rename(zero_dir / new)
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
