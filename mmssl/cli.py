@@ -310,6 +310,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with user_errors():
         finetuned = checkpoint_is_finetuned(args.checkpoint)
     if finetuned:
+        if args.nproc > 1 and not worker:  # a classifier's forward over the held-out split: one process
+            print(f"mmssl eval: a fine-tuned run evaluates in one process (--nproc {args.nproc} is not used)",
+                  file=sys.stderr, flush=True)  # fmt: skip
         return eval_finetuned(args)
     with user_errors():
         cfg, plan, out = eval_setup(args)
@@ -478,7 +481,9 @@ def parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--data", help="evaluation shards (default: the run's data.eval_shards)")
     e.add_argument("--out", help="where eval.json, eval.html and the PNGs go (default: the run directory)")
-    e.add_argument("--nproc", type=int, default=1, help="ranks that share the embedding work")
+    e.add_argument(
+        "--nproc", type=int, default=1, help="ranks that share the embedding work (a fine-tuned run: one)"
+    )
     e.add_argument(
         "--classes",
         help="zero-shot class names, a JSON list or one per line (default: classes.json by the shards)",

@@ -126,6 +126,14 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.engine.load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
+    if stage == 3 and not torch.cuda.is_available():
+        # ZeRO-3 gathers several parameters outside forward (the persistent ones at the end of every
+        # optimizer step, GatheredParameters) as one async all-gather each, waits only on the last, and
+        # then synchronises the device, which on CPU is a no-op. Gloo runs async collectives on worker
+        # threads, so an earlier gather may still be writing when step() returns: it then lands after
+        # apply_bounds and the next forward sees the unclamped temperature (or a half-written weight).
+        # Sequential gathers complete before DeepSpeed returns; on CUDA the device sync covers them.
+        zero["stage3_allgather_sequential"] = True
     if stage == 3 and cfg.engine.compile:
         raise ValueError("engine.compile is not supported with ZeRO-3 (the DeepSpeed config gives stage 3)")
     if stage == 3 and cfg.objectives.unmasked_contrastive_pass:
@@ -242,6 +250,9 @@ def apply_bounds(bounds: Bounds) -> None:
     - ZeRO-3: this rank's partition of the working copy (``ds_tensor``, gathered for the next forward)
       and of the fp32 master weights the optimizer steps (else the next step would undo the clamp);
     - ZeRO-1/2 (and the bf16 optimizer): this rank's fragment of the fp32 master partition.
+
+    It relies on no gather of the step still being in flight, to land over the clamp afterwards: on CPU
+    ``resolve_ds_config`` makes ZeRO-3's gathers sequential for that.
     """
     for param, low, high in bounds:
         param.data.clamp_(low, high)
@@ -548,7 +559,23 @@ def to_universal(ckpt_dir: str | Path, tag: str) -> str:
             raise RuntimeError(
                 f"converting {ckpt_dir}/{tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
             )
+    rename_legacy_params(out / "zero")
     return out_tag
+
+
+def rename_legacy_params(zero_dir: Path) -> None:
+    """A universal checkpoint holds one folder per parameter, named as the parameter was when it was
+    saved, and DeepSpeed looks each one up by today's name: rename the folders of parameters renamed
+    since (the masked patch objectives' decoder, now a shared ``PatchDecoder``; their module state-dict
+    keys are renamed on load by a pre-hook with the same mapping)."""
+    from mmssl.objectives.masked_patches import legacy_decoder_key
+
+    for folder in sorted(zero_dir.iterdir()):
+        objective, dot, key = folder.name.partition(".")
+        if objective in ("masked_image", "masked_audio") and dot:
+            new = f"{objective}.{legacy_decoder_key(key)}"
+            if new != folder.name:
+                folder.rename(zero_dir / new)
 
 
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:

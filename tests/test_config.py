@@ -133,3 +133,29 @@ def test_resuming_with_the_other_head_is_refused(tmp_path):
     cfg.objectives.masked_text.tie_head = True
     with pytest.raises(ValueError, match="tie_head=false"):
         check_same_head(cfg, tmp_path / "config.json")
+
+
+def test_objectives_configs_live_apart_and_are_re_exported():
+    """mmssl/objectives_config.py holds the objectives' configs; every one is still importable from
+    mmssl.config (the same class), and the module imports nothing of mmssl but the shared leaf (no
+    import circle with mmssl.config)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    import mmssl.config
+    import mmssl.objectives_config
+
+    moved = [
+        name
+        for name, obj in vars(mmssl.objectives_config).items()
+        if dataclasses.is_dataclass(obj) and obj.__module__ == "mmssl.objectives_config"
+    ]
+    assert "ObjectivesConfig" in moved and "DistillConfig" in moved and len(moved) >= 9
+    for name in [*moved, "ContrastiveKind"]:
+        assert getattr(mmssl.config, name) is getattr(mmssl.objectives_config, name), name
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, mmssl.objectives_config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mmssl'))"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert loaded == str(["mmssl", "mmssl.config_checks", "mmssl.objectives_config"])

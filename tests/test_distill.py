@@ -183,6 +183,71 @@ def test_zero2_and_zero3_follow_the_same_trajectory_teacher_included(gloo):
         assert torch.equal(a, b)
 
 
+def _teacher_against_student(eng) -> dict:
+    """The teacher's towers against the student's, parameter by parameter and by name."""
+    teacher, model = eng.teacher, eng.module.model
+    pairs = [
+        (t, dict(getattr(model, m).named_parameters())[name])
+        for m in teacher.modalities
+        for name, t in teacher.towers[m].named_parameters()
+    ]
+    return {
+        "count": len(pairs),
+        "equal": all(torch.equal(t, s.detach().float()) for t, s in pairs),
+        "copies": all(t.data_ptr() != s.data_ptr() for t, s in pairs),
+        "frozen": not any(p.requires_grad for p in teacher.towers.parameters()),
+        "fp32": all(
+            t.dtype == torch.float32 for t in teacher.towers.state_dict().values() if t.is_floating_point()
+        ),
+    }
+
+
+def _teacher_from_student_worker(rank: int, world: int, run_dir: str) -> dict:
+    from mmssl import engine
+
+    info = engine_rank(rank, world)
+    cfg = apply_overrides(
+        get_preset("tiny_distill"),
+        [f"engine.ds_config={REPO / 'ds_config.json'}", "engine.zero_stage=2", "data.train_shards=x",
+         "optim.micro_batch_size=4", "optim.warmup_steps=0"],
+    ).validate()  # fmt: skip
+    torch.manual_seed(0)
+    task = Task(cfg, rank=rank, world_size=world)
+    with torch.no_grad():  # weights set after the task was built (as model.init_from does)
+        task.model.image.proj.add_(1.0)
+    eng = engine.Engine(task, cfg, info)
+    out = {"at_init": _teacher_against_student(eng)}
+    torch.manual_seed(10 + rank)
+    step = eng(padded_batch(cfg, 4, eot=6, vocab=4000), step=0, micro=0)
+    eng.backward(step["loss"])
+    eng.step()
+    teacher, eng.teacher = eng.teacher, None  # a checkpoint without a teacher, as a run without distillation
+    eng.save(run_dir, 1, {"step": 1}, keep_last=1)  # wrote it
+    eng.teacher = teacher
+    torch.manual_seed(1)
+    resumed = engine.Engine(Task(cfg, rank=rank, world_size=world), cfg, info)
+    out["flag"] = resumed.load(run_dir).get("teacher_from_student")
+    out["loaded"] = _teacher_against_student(resumed)
+    out["student_from_checkpoint"] = all(
+        torch.equal(a, b)
+        for a, b in zip(eng.module.model.parameters(), resumed.module.model.parameters(), strict=True)
+    )
+    out["ema_left_its_start"] = not _teacher_against_student(eng)["equal"]  # the first engine's stepped
+    return out
+
+
+@pytest.mark.distributed
+def test_teacher_starts_as_a_frozen_fp32_copy_of_the_student(gloo, tmp_path):
+    """The teacher equals the student when the engine starts (after any weights set on the task), and
+    when a checkpoint without a teacher is loaded (``teacher_from_student``: distillation switched on
+    for a run that had none); either way every teacher parameter is a separate fp32 tensor without
+    gradients. On 2 ranks under ZeRO-2."""
+    for rank, out in enumerate(gloo(2).run(_teacher_from_student_worker, str(tmp_path / "ckpt"))):
+        for when in ("at_init", "loaded"):
+            assert out[when]["count"] > 0 and all(out[when].values()), (rank, when, out)
+        assert out["flag"] is True and out["student_from_checkpoint"] and out["ema_left_its_start"], out
+
+
 def test_collapse_guard_waits_for_the_warmup_then_names_the_variance():
     cfg = DistillConfig(min_target_var=0.1, min_pred_var=0.01, collapse_warmup_steps=10)
     fine = {"distill_image_target_var": 0.5, "distill_image_pred_var": 0.05, "loss": 1.0}

@@ -293,10 +293,14 @@ def test_two_rank_finetune_killed_resumes_exactly(tmp_path_factory, tmp_path, ca
         'src="confusion.png"' in (faulty / "eval.html").read_text() and (faulty / "confusion.png").is_file()
     )
 
-    # `mmssl eval` of the fine-tuned run shows the same figures (in this process: no more launches)
+    # `mmssl eval` of the fine-tuned run shows the same figures, in this process: asked for 2 ranks, it
+    # says in one line that it uses one (no more launches)
     capsys.readouterr()
-    assert cli.main(["eval", str(faulty), "--out", str(tmp_path / "ev")]) == 0
-    assert "macro-F1" in capsys.readouterr().out
+    assert cli.main(["eval", str(faulty), "--nproc", "2", "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr()
+    assert "macro-F1" in printed.out
+    note = "mmssl eval: a fine-tuned run evaluates in one process (--nproc 2 is not used)\n"
+    assert printed.err.count(note) == 1, printed.err
     again = json.loads((tmp_path / "ev" / "eval.json").read_text())["classification"]
     assert again["confusion"] == scores["confusion"]
     assert again["macro_f1"] == pytest.approx(scores["macro_f1"])

@@ -292,3 +292,72 @@ def test_tied_mlm_head_is_the_token_embedding_and_gets_both_gradients():
     both = untied.model.text.token_embedding.weight.grad + untied.masked_text.head[-1].weight.grad
     assert untied.masked_text.head[-1].weight.grad.abs().sum() > 0
     assert torch.allclose(embedding.grad, both, atol=1e-6)
+
+
+# The MAE decoder's state-dict keys before it became the PatchDecoder shared with distillation, as
+# that code wrote them (written out here, not derived from mmssl's own mapping): today's -> then.
+_MAE_KEYS_THEN = {
+    "decoder.embed.": "decoder_embed.",
+    "decoder.mask_token": "mask_token",
+    "decoder.pos": "decoder_pos",
+    "decoder.blocks.": "decoder.",
+    "decoder.norm.": "decoder_norm.",
+    "decoder.pred.": "decoder_pred.",
+}
+
+
+def _as_then(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        rel = key.removeprefix(prefix)
+        now = next(k for k in _MAE_KEYS_THEN if rel == k or (k.endswith(".") and rel.startswith(k)))
+        out[prefix + _MAE_KEYS_THEN[now] + rel.removeprefix(now)] = value
+    return out
+
+
+@pytest.mark.parametrize("modality", ["image", "audio"])
+def test_old_mae_decoder_checkpoints_load_into_the_shared_decoder(modality, tmp_path):
+    """The masked patch objectives and distillation share one PatchDecoder; a state dict saved before,
+    with the MAE decoder's old keys, loads strictly into it (a pre-hook renames them) and predicts as
+    the module it came from; a universal checkpoint's per-parameter folders are renamed alike."""
+    from mmssl.engine import rename_legacy_params
+
+    torch.manual_seed(0)
+    tower, saved = patch_objective(modality)
+    name = f"masked_{modality}"
+    then = _as_then(torch.nn.ModuleDict({name: saved}).state_dict(), f"{name}.")
+    assert {f"{name}.decoder_pos", f"{name}.mask_token", f"{name}.decoder_pred.weight"} <= set(then)
+    assert f"{name}.decoder.resblocks.0.attn.in_proj_weight" in then
+    torch.manual_seed(1)
+    _, loaded = patch_objective(modality)
+    assert not torch.equal(loaded.decoder.pos, saved.decoder.pos)
+    torch.nn.ModuleDict({name: loaded}).load_state_dict(then)  # strict
+    for (key, a), b in zip(saved.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+    tokens = torch.randn(2, 5, tower.width)
+    keep = torch.stack([torch.randperm(saved.decoder.pos.shape[0])[:5] for _ in range(2)])
+    assert torch.equal(saved.decoder(tokens, keep), loaded.decoder(tokens, keep))
+    zero = tmp_path / "zero"
+    for key in [*then, "model.image.proj"]:
+        (zero / key).mkdir(parents=True)
+    rename_legacy_params(zero)
+    assert sorted(p.name for p in zero.iterdir()) == sorted(
+        [*saved.state_dict(prefix=f"{name}."), "model.image.proj"]
+    )
+
+
+def test_distill_decoder_is_the_mae_decoder_with_its_keys_unchanged():
+    """Distillation's patch decoders are PatchDecoders predicting the tower width, under the keys its
+    own decoder had (embed, mask_token, pos, blocks, norm, pred): old distill checkpoints load as they are."""
+    from mmssl.objectives import DistillObjective
+    from mmssl.objectives.masked_patches import PatchDecoder
+
+    cfg = get_preset("tiny_distill")
+    objective = DistillObjective(cfg.objectives.distill, cfg.model, ("image", "audio"))
+    for modality in ("image", "audio"):
+        decoder = objective.decoders[modality]
+        assert isinstance(decoder, PatchDecoder)
+        assert decoder.pred.out_features == getattr(cfg.model, modality).width
+        keys = set(decoder.state_dict())
+        assert {k.split(".")[0] for k in keys} == {"embed", "mask_token", "pos", "blocks", "norm", "pred"}
+        assert "blocks.resblocks.0.attn.in_proj_weight" in keys

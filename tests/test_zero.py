@@ -139,6 +139,24 @@ def _bounded_run(model) -> list[list[float]]:
     return seen
 
 
+def _bounded_reference() -> list[list[float]]:
+    """What each forward of ``_Bounded`` sees under a plain AdamW step followed by the clamp."""
+    torch.manual_seed(0)
+    toy = _Bounded()
+    optimizer = torch.optim.AdamW(toy.parameters(), lr=2.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
+    expected = []
+    for direction in DIRECTIONS:
+        out = toy({"direction": torch.tensor(direction), "x": torch.zeros(2, 4)})
+        expected.append(out["w"].tolist())
+        optimizer.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(toy.parameters(), 1.0)  # ds_config.json's gradient_clipping
+        optimizer.step()
+        with torch.no_grad():
+            toy.w.clamp_(-0.5, 0.5)
+    return expected
+
+
 def _clamp_worker(rank: int, world: int) -> dict:
     from mmssl import engine
     from mmssl.presets import get_preset
@@ -160,19 +178,7 @@ def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included(gloo):
     value (the fp32 master weights were clamped too, not only the module's copy), on 2 ranks under
     ZeRO-2 and ZeRO-3, exactly as a plain AdamW step followed by a clamp (without ZeRO the module's
     tensor is the only copy)."""
-    torch.manual_seed(0)
-    toy = _Bounded()
-    optimizer = torch.optim.AdamW(toy.parameters(), lr=2.0, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.0)
-    expected = []
-    for direction in DIRECTIONS:
-        out = toy({"direction": torch.tensor(direction), "x": torch.zeros(2, 4)})
-        expected.append(out["w"].tolist())
-        optimizer.zero_grad()
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(toy.parameters(), 1.0)  # ds_config.json's gradient_clipping
-        optimizer.step()
-        with torch.no_grad():
-            toy.w.clamp_(-0.5, 0.5)
+    expected = _bounded_reference()
     # it crossed and was clamped; the way back starts at the bound (unclamped fp32 master weights would
     # start from 2, and be clamped to 0.5 again)
     assert expected[1] == [0.5, -0.5, 0.5] and 0 < expected[2][0] < 0.45
@@ -185,6 +191,84 @@ def test_bounds_are_clamped_after_each_step_in_every_copy_zero_included(gloo):
         if not torch.allclose(torch.tensor(v), torch.tensor(expected), atol=1e-5)
     }
     assert not wrong, (expected, wrong)
+
+
+class _LandsLate:
+    """An async all-gather whose result reaches its output only when waited on (or at ``land()``): what
+    gloo may do on a loaded machine, where its worker threads finish a collective after the call that
+    launched it has returned. Makes the race behind a once-flaky clamp (the persistent parameters'
+    gather at the end of a ZeRO-3 step landing after the clamp) happen every time."""
+
+    pending: list["_LandsLate"] = []
+
+    def __init__(self, work, result: torch.Tensor, output: torch.Tensor):
+        self.work, self.result, self.output, self.done = work, result, output, False
+        self.pending.append(self)
+
+    def wait(self, *args, **kwargs) -> bool:
+        if not self.done:
+            self.work.wait()
+            self.output.copy_(self.result)
+            self.done = True
+        return True
+
+    def is_completed(self) -> bool:
+        return self.done
+
+    @classmethod
+    def land(cls) -> int:
+        """Complete every gather nobody waited for; how many there were."""
+        late = [g for g in cls.pending if not g.done]
+        for g in late:
+            g.wait()
+        cls.pending.clear()
+        return len(late)
+
+
+def _late_gathers_worker(rank: int, world: int) -> dict:
+    import deepspeed.comm
+
+    from mmssl import engine
+
+    info = engine_rank(rank, world)
+    gather, apply_bounds = deepspeed.comm.all_gather_into_tensor, engine.apply_bounds
+    left_in_flight = []
+
+    def late_gather(output_tensor, input_tensor, group=None, async_op=False):
+        if not async_op:
+            return gather(output_tensor, input_tensor, group=group)
+        result = torch.empty_like(output_tensor)
+        return _LandsLate(
+            gather(result, input_tensor.clone(), group=group, async_op=True), result, output_tensor
+        )
+
+    def clamp_then_land(bounds):  # whatever DeepSpeed left in flight lands after the clamp
+        apply_bounds(bounds)
+        left_in_flight.append(_LandsLate.land())
+
+    deepspeed.comm.all_gather_into_tensor, engine.apply_bounds = late_gather, clamp_then_land
+    try:
+        cfg = get_preset("tiny")
+        cfg.engine.ds_config, cfg.engine.zero_stage = str(REPO / "ds_config.json"), 3
+        cfg.optim.lr, cfg.optim.warmup_steps, cfg.optim.micro_batch_size = 2.0, 0, 2
+        torch.manual_seed(0)
+        seen = _bounded_run(engine.Engine(_Bounded(), cfg, info))
+    finally:  # the pool's process serves other tests after this one
+        deepspeed.comm.all_gather_into_tensor, engine.apply_bounds = gather, apply_bounds
+        _LandsLate.pending.clear()
+    return {"seen": seen, "left_in_flight": left_in_flight}
+
+
+def test_zero3_step_leaves_no_gather_in_flight_for_the_clamp(gloo):
+    """ZeRO-3 on CPU: when the optimizer step returns, every gather it launched has landed, so nothing
+    overwrites the clamp afterwards, however late gloo completes its async collectives (here: only when
+    waited on). DeepSpeed waits on the last of its coalesced gathers only; the engine's DeepSpeed config
+    makes them sequential on CPU. Without that, rank 0 and 1 see 2.0 at the second step."""
+    expected = _bounded_reference()
+    for rank, out in enumerate(gloo(2).run(_late_gathers_worker)):
+        assert out["left_in_flight"] == [0] * len(DIRECTIONS), (rank, out)
+        seen = torch.tensor(out["seen"])
+        assert torch.allclose(seen, torch.tensor(expected), atol=1e-5), (rank, out, expected)
 
 
 def _fixed_keep(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -5,10 +5,10 @@ student as an exponential moving average after every optimizer step (:class:`Ema
 each input whole; its targets are the outputs of its last ``top_k`` blocks, each instance-normalised
 (per channel over the tokens of a sample), averaged. The student's masked pass (the one the masked
 objectives and the contrastive loss already share) is regressed onto them at the masked positions
-through a light decoder (:class:`DistillObjective`): for patch towers a small transformer that puts
-the kept tokens back among mask tokens (as the MAE decoder), for text a two-layer head on the
-corrupted positions (the [MASK] tokens are already in the sequence). One student pass, one teacher
-forward under ``no_grad``.
+through a light decoder (:class:`DistillObjective`): for patch towers the MAE decoder (a small
+transformer that puts the kept tokens back among mask tokens, ``masked_patches.PatchDecoder``), for
+text a two-layer head on the corrupted positions (the [MASK] tokens are already in the sequence). One
+student pass, one teacher forward under ``no_grad``.
 
 data2vec 2.0 takes each block's FFN output before the last residual; here a block's output (the
 residual stream) is taken, which open_clip's block returns as it is. Its conv decoder is a
@@ -35,8 +35,8 @@ from open_clip.transformer import LayerNorm
 from torch import Tensor, nn
 
 from mmssl.config import DistillConfig, ModelConfig
-from mmssl.encoders.attention import sdpa_transformer
 from mmssl.encoders.text import PAD_ID
+from mmssl.objectives.masked_patches import PatchDecoder
 
 
 def momentum_at(cfg: DistillConfig, update: int, total: int) -> float:
@@ -146,27 +146,6 @@ class EmaTeacher:
         return torch.stack([instance_norm(b.float(), valid) for b in blocks]).mean(dim=0)
 
 
-class PatchDecoder(nn.Module):
-    """The kept patches' encoder tokens ``[B, K, D]`` back among mask tokens, positions added, a small
-    transformer, then a projection to the tower width: predictions for every patch ``[B, L, D]``."""
-
-    def __init__(self, width: int, num_patches: int, cfg: DistillConfig):
-        super().__init__()
-        dw = cfg.decoder_width
-        self.embed = nn.Linear(width, dw)
-        self.mask_token = nn.Parameter(0.02 * torch.randn(dw))
-        self.pos = nn.Parameter(0.02 * torch.randn(num_patches, dw))
-        self.blocks = sdpa_transformer(dw, cfg.decoder_depth, cfg.decoder_heads, 4.0)
-        self.norm = LayerNorm(dw)
-        self.pred = nn.Linear(dw, width)
-
-    def forward(self, tokens: Tensor, keep: Tensor) -> Tensor:
-        y = self.embed(tokens)  # [B, K, Dd]
-        full = repeat(self.mask_token, "d -> b l d", b=y.shape[0], l=self.pos.shape[0])
-        full = full.scatter(1, repeat(keep, "b k -> b k d", d=y.shape[-1]), y)  # [B, L, Dd]
-        return self.pred(self.norm(self.blocks(full + self.pos)))  # [B, L, D]
-
-
 def text_head(width: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(width, width), nn.GELU(), LayerNorm(width), nn.Linear(width, width))
 
@@ -184,7 +163,7 @@ class DistillObjective(nn.Module):
                 self.decoders[m] = text_head(tower.width)
             else:
                 patches = tower.num_patches if m == "image" else tower.grid[0] * tower.grid[1]
-                self.decoders[m] = PatchDecoder(tower.width, patches, cfg)
+                self.decoders[m] = PatchDecoder(tower.width, patches, tower.width, cfg)
 
     def patch_terms(
         self, modality: str, features: Tensor, keep: Tensor, target: Tensor, present: Tensor
