@@ -101,7 +101,7 @@ def finetune(run: Path, data: Path, run_dir: Path, variant: str, args: argparse.
         "--nproc", str(args.nproc), *SETTINGS[variant],
         f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.log_every={max(1, args.steps // 10)}",
         f"optim.warmup_steps={max(1, args.steps // 10)}", f"optim.micro_batch_size={args.batch}",
-        "data.eval_layout=mmssl", *args.overrides,
+        "data.eval_layout=mmssl", "train.eval_at_end=true", *args.overrides,  # fsdd_benchmark's runs skip it
     ]  # fmt: skip
     print(f"\n== {variant}, {data.name}: {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()

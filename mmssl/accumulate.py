@@ -8,16 +8,17 @@ window of K micro-batches runs in three phases:
 
 1. each micro-batch through the towers without gradients: its embeddings are kept, with the masked
    terms (so a non-finite window is skipped before anything is backpropagated);
-2. the contrastive loss over all K micro-batches at once (gathered across ranks as usual) and its
-   gradient w.r.t. the kept embeddings and the logit scales;
+2. the contrastive loss over all K micro-batches at once (gathered across ranks as usual), and the
+   view objectives' NT-Xent over the window's view projections (their negatives span the window too),
+   and their gradient w.r.t. the kept embeddings, projections and logit scales;
 3. each micro-batch again, with gradients: backward of ``sum(fresh embeddings * their slice of that
-   gradient)`` plus the micro-batch's own masked terms; the scales' gradient rides on the first
-   micro-batch only.
+   gradient)`` (and the same for the projections) plus the micro-batch's own masked terms; the
+   scales' gradient rides on the first micro-batch only.
 
 The parameters' gradient is then the one of a single batch of the window's rows (same masks: they are
 seeded by (seed, rank, step, micro), and torch's random state is replayed for the second pass).
 
-Axis legend: K micro-batches in a window, B rows of one, E embedding dim.
+Axis legend: K micro-batches in a window, B rows of one, E embedding dim, P view projection dim.
 """
 
 from __future__ import annotations
@@ -45,11 +46,14 @@ def train_window(
             rng.append(_rng_state(device))
             passes.append(eng(batch, step=step, micro=micro, embed_only=True))
     embeddings, present = _window_embeddings(task, passes, batches)  # {modality: [K*B, E]}, {modality: [K*B]}
+    views = _window_views(passes, batches)  # {modality: ([K*B, P], [K*B, P])}
     scales = {name: s.detach().requires_grad_() for name, s in passes[0]["scales"].items()}
     biases = {name: b.detach().requires_grad_() for name, b in passes[0]["biases"].items()}
     with torch.enable_grad():
         contrastive_terms = task.contrastive_loss(embeddings, present, scales, biases)
+        view_terms = task.view_terms(views, present)
     weighted = task.cfg.objectives.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
+    weighted = task.add_local_terms(weighted, view_terms, step)  # + the weighted view terms
     loss = weighted.detach() + torch.stack([p["masked_loss"] for p in passes]).mean()
     if poison:  # a fault drill (train.inject_nonfinite_at)
         loss = loss * float("nan")
@@ -58,36 +62,49 @@ def train_window(
         return None
 
     # The engine divides each micro-batch's loss by K, which averages the masked terms over the window;
-    # each micro-batch's slice of the contrastive gradient is already its whole share: scale it back up.
-    inputs = [*embeddings.values(), *scales.values(), *biases.values()]
-    grads = torch.autograd.grad(weighted * eng.loss_divisor, inputs, allow_unused=True)
-    n_emb, n_scales = len(embeddings), len(scales)
-    embedding_grads = dict(zip(embeddings, grads[:n_emb], strict=True))
-    scale_grads = {
-        n: g for n, g in zip(scales, grads[n_emb : n_emb + n_scales], strict=True) if g is not None
-    }
-    bias_grads = {n: g for n, g in zip(biases, grads[n_emb + n_scales :], strict=True) if g is not None}
+    # each micro-batch's slice of the window's gradient is already its whole share: scale it back up.
+    # Leaves are keyed (kind, name[, view]); a leaf the loss does not reach gets no gradient.
+    leaves = {("embeddings", m): e for m, e in embeddings.items()}
+    leaves |= {("views", m, i): v for m, pair in views.items() for i, v in enumerate(pair)}
+    leaves |= {("scales", n): s for n, s in scales.items()} | {("biases", n): b for n, b in biases.items()}
+    grads = torch.autograd.grad(weighted * eng.loss_divisor, list(leaves.values()), allow_unused=True)
+    grad = {key: g for key, g in zip(leaves, grads, strict=True) if g is not None}
     stepped, start = False, 0
     for micro, batch in enumerate(batches):
         _set_rng_state(rng[micro], device)
         rows, start = slice(start, start + _rows(batch)), start + _rows(batch)  # this micro-batch's rows
-        window = WindowGradients(
-            embeddings={m: g[rows] for m, g in embedding_grads.items() if g is not None and m in batch},
-            scales=scale_grads if micro == 0 else {},
-            biases=bias_grads if micro == 0 else {},
-        )
+        window = _micro_gradients(grad, rows, batch, first=micro == 0)
         # the window's loss is checked above: these per-micro-batch surrogates need no second check
         eng.backward(eng(batch, step=step, micro=micro, window=window)["loss"], watch=False)
         stepped = eng.step() == "stepped"
     assert stepped, "a cached window must end at the engine's accumulation boundary"
 
-    out = {"loss": loss, **{name: value.detach() for name, value in contrastive_terms.items()}}
+    out = {"loss": loss, **{name: value.detach() for name, value in (contrastive_terms | view_terms).items()}}
     for name in passes[0]:
-        if name not in ("embeddings", "scales", "biases", "masked_loss"):  # the local terms, averaged
+        if name not in ("embeddings", "views", "scales", "biases", "masked_loss"):  # local terms, averaged
             out[name] = torch.stack([p[name] for p in passes if name in p]).mean()
     out.update({f"logit_scale_{name}": s.detach() for name, s in scales.items()})
     out.update({f"logit_bias_{name}": b.detach() for name, b in biases.items()})
     return {**out, "stepped": True}
+
+
+def _micro_gradients(
+    grad: dict[tuple, Tensor], rows: slice, batch: dict[str, Any], *, first: bool
+) -> WindowGradients:
+    """One micro-batch's share of the window's gradient ``grad`` (keyed as the leaves in train_window):
+    its ``rows`` of the embeddings' and view projections', and the scales' and biases' on the ``first``
+    micro-batch only, so that they count once."""
+
+    def of(kind: str) -> dict[str, Tensor]:
+        return {key[1]: g for key, g in grad.items() if key[0] == kind}
+
+    return WindowGradients(
+        embeddings={m: g[rows] for m, g in of("embeddings").items() if m in batch},
+        views={m: (grad[("views", m, 0)][rows], grad[("views", m, 1)][rows])
+               for m in dict.fromkeys(key[1] for key in grad if key[0] == "views") if m in batch},
+        scales=of("scales") if first else {},
+        biases=of("biases") if first else {},
+    )  # fmt: skip
 
 
 def _rows(batch: dict[str, Any]) -> int:
@@ -114,6 +131,25 @@ def _window_embeddings(
              for b, n in zip(batches, rows, strict=True)]
         )  # fmt: skip
     return embeddings, present
+
+
+def _window_views(
+    passes: list[dict[str, Any]], batches: list[dict[str, Any]]
+) -> dict[str, tuple[Tensor, Tensor]]:
+    """The window's view projections ``{modality: ([K*B, P], [K*B, P])}`` as leaves that take a gradient
+    (zero rows for a micro-batch without the modality: its presence, from the batch, is all False)."""
+    rows = [_rows(b) for b in batches]
+    views = {}
+    for m in dict.fromkeys(m for p in passes for m in p["views"]):
+        like = next(p["views"][m][0] for p in passes if m in p["views"])
+        views[m] = tuple(
+            torch.cat(
+                [p["views"][m][i] if m in p["views"] else like.new_zeros(n, like.shape[1])
+                 for p, n in zip(passes, rows, strict=True)]
+            ).requires_grad_()  # [K*B, P]
+            for i in (0, 1)
+        )  # fmt: skip
+    return views
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

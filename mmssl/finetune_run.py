@@ -57,6 +57,7 @@ def finetune_config(
     cfg.data.train_shards, cfg.data.sources = shards, ()
     cfg.data.eval_shards, cfg.data.eval_layout = eval_shards, ""
     cfg.train.inject_nonfinite_at = ()
+    cfg.train.eval_at_end = bool(eval_shards)  # scored when asked, whatever the pretrained run skipped
     cfg.run_dir = run_dir or f"{folder}-finetune-{tower}"
     cfg.finetune = FinetuneConfig(tower=tower, source=str(run), linear=linear)
     apply_overrides(cfg, list(overrides))

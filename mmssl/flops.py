@@ -16,6 +16,7 @@ the best of several timed batches), measured once per machine and thread count a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -257,6 +258,16 @@ def train_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int |
         return 1.0 if name.startswith("distill_teacher_") else 2.0 if name.endswith("_patch_embed") else 3.0
 
     return sum(passes(name) * v for name, v in parts.items())
+
+
+def unmasked_tuning_config(cfg: RunConfig) -> RunConfig:
+    """The run as its last ``objectives.unmasked_tuning_steps`` train it (FLIP's unmasked tuning): every
+    masked objective off, so whole inputs, no decoder or MLM head, no distillation (it rides on the
+    masked pass) and whole second views."""
+    tuned = copy.deepcopy(cfg)
+    for name in ("image", "text", "audio"):
+        tuned.objectives.masked(name).enabled = False
+    return tuned
 
 
 # Dense bf16 tensor-core peaks (FLOP/s) by device name, from the vendors' data sheets.

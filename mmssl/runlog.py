@@ -34,15 +34,23 @@ class Work:
     from tensor shapes (a text batch may be trimmed below the context), so counting never waits on the
     device."""
 
-    def __init__(self, flops_per_sample: Callable[[int | None], float], tokens_per_sample: dict[str, int]):
+    def __init__(
+        self,
+        flops_per_sample: Callable[[int | None], float],
+        tokens_per_sample: dict[str, int],
+        tuning_flops_per_sample: Callable[[int | None], float] | None = None,
+    ):
         self.flops_per_sample = functools.cache(flops_per_sample)  # by text length (None: the context)
+        # the same during FLIP's unmasked tuning (whole inputs, no masked objective), when it differs
+        self.tuning_flops_per_sample = functools.cache(tuning_flops_per_sample or flops_per_sample)
         self._tokens = tokens_per_sample
         self.flops, self.tokens = 0.0, {m: 0 for m in tokens_per_sample}
 
-    def add(self, batch: dict[str, Any]) -> None:
+    def add(self, batch: dict[str, Any], *, tuning: bool = False) -> None:
+        """Count one micro-batch; ``tuning``: trained in the unmasked-tuning phase."""
         rows = len(batch["__key__"])
         text = batch["text"].shape[1] if "text" in batch else None
-        self.flops += rows * self.flops_per_sample(text)
+        self.flops += rows * (self.tuning_flops_per_sample if tuning else self.flops_per_sample)(text)
         for m, n in self._tokens.items():
             self.tokens[m] += rows * (text if m == "text" and text is not None else n)
 

@@ -25,8 +25,8 @@ student's masked features are regressed onto them (mmssl/objectives/distill.py).
 
 Terms are weighted (with their schedules) and summed here; every term is also returned unweighted,
 so a weight never hides a term from the logs. Cached accumulation (mmssl/accumulate.py) uses the
-pieces separately: the towers' pass (:meth:`Task.encode`), the contrastive loss over a whole window,
-and the masked terms.
+pieces separately: the towers' pass (:meth:`Task.encode`), the contrastive and view losses over a
+whole window, and the masked terms.
 
 Axis legend: B batch, E shared embedding dim, D tower width.
 """
@@ -118,9 +118,11 @@ class Task(nn.Module):
 
     def encode(
         self, batch: dict[str, Tensor], step: int, micro: int
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """The towers' pass: normalised embeddings ``{modality: [B, E]}`` for the contrastive loss, and
-        the micro-batch's own terms (masked objectives' losses and ratios, view objectives' losses)."""
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+        """The towers' pass: normalised embeddings ``{modality: [B, E]}`` for the contrastive loss, the
+        micro-batch's own terms (masked objectives' losses and ratios) and the view objectives' normalised
+        projections of both views ``{modality: ([B, P], [B, P])}``, scored by :meth:`view_terms` (over the
+        micro-batch, or over a whole window under cached accumulation)."""
         present = batch["present"]
         device = next(iter(present.values())).device
         seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
@@ -129,6 +131,7 @@ class Task(nn.Module):
         embeddings: dict[str, Tensor] = {}
         first_views: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}
+        projections: dict[str, tuple[Tensor, Tensor]] = {}
         with self.seeded_dropout(seed, device):
             for modality in self.model.modalities:
                 if modality not in batch:
@@ -150,8 +153,18 @@ class Task(nn.Module):
             for modality, first in first_views.items():
                 masked = self.masked_objective(modality) is not None and not tuning
                 second = self.second_view(modality, batch, generator, masked)  # [B, D]
-                terms.update(self.views[modality](first, second, present[modality]))
-        return embeddings, terms
+                projections[modality] = self.views[modality].project(first, second)  # [B, P] each
+        return embeddings, terms, projections
+
+    def view_terms(
+        self, projections: dict[str, tuple[Tensor, Tensor]], present: dict[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Unweighted ``views_<modality>_loss`` of the rows of ``projections`` (``[R, P]`` pairs) whose
+        ``present`` ``[R]`` is set."""
+        terms: dict[str, Tensor] = {}
+        for modality, (a, b) in projections.items():
+            terms.update(self.views[modality].score(a, b, present[modality]))
+        return terms
 
     def contrastive_loss(
         self,
@@ -191,19 +204,22 @@ class Task(nn.Module):
         within a gradient-accumulation window) it seeds the masks and dropout. Cached accumulation calls it
         twice per micro-batch: ``embed_only`` (its pass without gradients: embeddings, scales, biases and
         local terms), then with its ``window`` gradients, for a loss to backpropagate (mmssl/accumulate.py)."""
-        embeddings, terms = self.encode(batch, step, micro)
-        if embed_only:
+        embeddings, terms, projections = self.encode(batch, step, micro)
+        if embed_only:  # the view terms are scored over the whole window: not local here
             local = self.add_local_terms(embeddings[next(iter(embeddings))].new_zeros(()), terms, step)
             return {
                 "embeddings": embeddings,
+                "views": projections,
                 "scales": self.contrastive.scales(),
                 "biases": self.contrastive.biases(),
                 "masked_loss": local,
                 **terms,
             }
         if window is not None:
-            surrogate = window.surrogate(embeddings, self.contrastive.scales(), self.contrastive.biases())
+            scales, biases = self.contrastive.scales(), self.contrastive.biases()
+            surrogate = window.surrogate(embeddings, scales, biases, projections)
             return {"loss": self.add_local_terms(surrogate, terms, step)}
+        terms |= self.view_terms(projections, batch["present"])
         contrastive_terms = self.contrastive_loss(embeddings, batch["present"])
         weighted = self.cfg.objectives.contrastive.loss.at(step) * contrastive_terms["contrastive_loss"]
         out = {"loss": self.add_local_terms(weighted, terms, step), **contrastive_terms, **terms}
@@ -276,21 +292,30 @@ class Task(nn.Module):
 @dataclass
 class WindowGradients:
     """What cached accumulation hands a micro-batch's second pass: the window loss's gradient w.r.t. this
-    micro-batch's embeddings ``{modality: [B, E]}`` and, for one micro-batch of the window, w.r.t. the
-    logit scales and SigLIP biases ``{pair: scalar}`` (empty for the others, so they count once)."""
+    micro-batch's embeddings ``{modality: [B, E]}`` and view projections ``{modality: ([B, P], [B, P])}``
+    and, for one micro-batch of the window, w.r.t. the logit scales and SigLIP biases ``{pair: scalar}``
+    (empty for the others, so they count once)."""
 
     embeddings: dict[str, Tensor]
     scales: dict[str, Tensor] = field(default_factory=dict)
     biases: dict[str, Tensor] = field(default_factory=dict)
+    views: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     def surrogate(
-        self, embeddings: dict[str, Tensor], scales: dict[str, Tensor], biases: dict[str, Tensor]
+        self,
+        embeddings: dict[str, Tensor],
+        scales: dict[str, Tensor],
+        biases: dict[str, Tensor],
+        projections: dict[str, tuple[Tensor, Tensor]],
     ) -> Tensor:
-        """A scalar whose gradient through the fresh ``embeddings``, ``scales`` and ``biases`` is the
-        window loss's."""
+        """A scalar whose gradient through the fresh ``embeddings``, ``scales``, ``biases`` and view
+        ``projections`` is the window loss's."""
         total = next(iter(embeddings.values())).new_zeros(())
         for modality, grad in self.embeddings.items():
             total = total + (embeddings[modality] * grad).sum()  # [B, E] * [B, E] -> scalar
+        for modality, grads in self.views.items():
+            for fresh, grad in zip(projections[modality], grads, strict=True):
+                total = total + (fresh * grad).sum()  # [B, P] * [B, P] -> scalar
         for name, grad in self.scales.items():
             total = total + scales[name] * grad
         for name, grad in self.biases.items():

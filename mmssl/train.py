@@ -175,7 +175,8 @@ class Trainer:
         if cfg.objectives.unmasked_tuning_steps:
             log.write(
                 f"unmasked tuning (FLIP): masked objectives off, whole inputs, from step "
-                f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps}"
+                f"{cfg.train.steps - cfg.objectives.unmasked_tuning_steps + 1} to {cfg.train.steps} "
+                f"({work.tuning_flops_per_sample(None) / 1e6:.1f} MFLOP/sample)"
             )
         return log, work
 
@@ -188,9 +189,11 @@ class Trainer:
 
     def work_counter(self, global_batch: int) -> Work:
         """FLOPs and tokens per sample of what the task runs, for the throughput and MFU columns."""
-        cfg = self.cfg
+        cfg, tuned = self.cfg, flops.unmasked_tuning_config(self.cfg)
         return Work(
-            lambda text: flops.train_flops_per_sample(cfg, global_batch, text), flops.tower_tokens(cfg)
+            lambda text: flops.train_flops_per_sample(cfg, global_batch, text),
+            flops.tower_tokens(cfg),
+            lambda text: flops.train_flops_per_sample(tuned, global_batch, text),
         )
 
     def evaluate(self) -> tuple[dict | None, Exception | None, str | None]:
@@ -211,8 +214,9 @@ class Trainer:
                 self.skip()
                 continue
             self.bad_in_a_row = 0
+            tuning = self.step >= cfg.train.steps - cfg.objectives.unmasked_tuning_steps
             for batch in batches:
-                self.work.add(batch)
+                self.work.add(batch, tuning=tuning)
             self.micro = (self.micro + self.unit) % cfg.optim.grad_accum_steps
             if not out.pop("stepped"):
                 continue  # inside a gradient-accumulation window

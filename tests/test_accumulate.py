@@ -1,7 +1,7 @@
 """Cached accumulation (objectives.contrastive.accumulate=cached): on 2 ranks, with every masked
-objective on, one window of K=2 micro-batches of B rows gives the gradient of one batch of 2B rows
-(the reference below: the contrastive loss over the concatenation, each micro-batch's masked terms
-with its own masks); plain "local" accumulation does not. Then a short `mmssl train` in cached mode,
+objective and every view objective on, one window of K=2 micro-batches of B rows gives the gradient of
+one batch of 2B rows (the reference below: the contrastive and view losses over the concatenation, each
+micro-batch's masked terms with its own masks); plain "local" accumulation does not. Then a short `mmssl train` in cached mode,
 with a non-finite window skipped as a unit."""
 
 import json
@@ -46,23 +46,29 @@ def micro_batch(cfg, rank: int, micro: int) -> dict:
         "image": torch.randn(B, 3, m.image.image_size, m.image.image_size, generator=g),
         "text": text,
         "audio": torch.randn(B, m.audio.n_mels, m.audio.n_frames, generator=g),
+        "image_view": torch.randn(B, 3, m.image.image_size, m.image.image_size, generator=g),
+        "audio_view": torch.randn(B, m.audio.n_mels, m.audio.n_frames, generator=g),
         "present": present,
     }
 
 
 def reference_gradients(task, batches) -> dict[str, torch.Tensor]:
     """One batch of K*B rows: the contrastive loss on the concatenated embeddings (gathered across
-    ranks), plus the mean over micro-batches of each one's weighted masked terms (its own masks,
-    seeded by its micro index); then the ranks' gradients averaged, as the engine does."""
-    embeddings, masked = [], []
+    ranks) and the weighted view losses on the concatenated projections, plus the mean over
+    micro-batches of each one's weighted masked terms (its own masks and dropout, seeded by its micro
+    index); then the ranks' gradients averaged, as the engine does."""
+    embeddings, projections, masked = [], [], []
     for micro, batch in enumerate(batches):
-        e, terms = task.encode(batch, 0, micro)
+        e, terms, views = task.encode(batch, 0, micro)
         embeddings.append(e)
+        projections.append(views)
         masked.append(task.add_local_terms(torch.zeros(()), terms, 0))
     joined = {m: torch.cat([e[m] for e in embeddings]) for m in MODALITIES}
     present = {m: torch.cat([b["present"][m] for b in batches]) for m in MODALITIES}
+    views = {m: tuple(torch.cat([p[m][i] for p in projections]) for i in (0, 1)) for m in MODALITIES}
     contrastive = task.contrastive(joined, present)["contrastive_loss"]
-    loss = task.cfg.objectives.contrastive.loss.at(0) * contrastive + torch.stack(masked).mean()
+    loss = task.cfg.objectives.contrastive.loss.at(0) * contrastive
+    loss = task.add_local_terms(loss, task.view_terms(views, present), 0) + torch.stack(masked).mean()
     loss.backward()
     grads = {}
     for name, p in task.named_parameters():
@@ -89,6 +95,9 @@ def _worker(rank: int, world: int, ds_config: str) -> dict:
     cfg.optim.lr = 0.0  # the weights stay put, so both modes see the same ones
     cfg.engine.ds_config = ds_config
     cfg.objectives.contrastive.loss = dataclasses.replace(cfg.objectives.contrastive.loss, weight=0.7)
+    for m in MODALITIES:  # SimCLR / SimCSE terms, whose negatives also span the window
+        getattr(cfg.objectives.views, m).enabled = True
+    cfg.model.text.dropout = 0.1  # SimCSE's two views: two dropout draws, replayed in the second pass
     torch.manual_seed(cfg.train.seed)
     task = Task(cfg, rank=rank, world_size=WORLD)
     reference = copy.deepcopy(task)
@@ -118,6 +127,8 @@ def _worker(rank: int, world: int, ds_config: str) -> dict:
         "scale_grad": min(expected[n].abs().item() for n in expected if "logit_scale" in n),
         "largest": max(g.abs().max().item() for g in expected.values()),
         "logged_masked_text": out_cached["masked_text_loss"].item(),
+        "view_grad": min(expected[n].abs().max().item() for n in expected if n.startswith("views.")),
+        "logged_views": [out_cached[f"views_{m}_loss"].item() for m in MODALITIES],
     }
 
 
@@ -130,6 +141,8 @@ def test_cached_window_gradient_equals_one_big_batch(gloo, tmp_path):
         expected_names, cached_names = r["names"]
         assert expected_names == cached_names, rank  # every parameter, the logit scales included
         assert r["scale_grad"] > 1e-4  # the scales' gradient is in the comparison, not zero
+        assert r["view_grad"] > 1e-4, (rank, r)  # every view head trains, in the comparison too
+        assert all(v > 0 for v in r["logged_views"]), (rank, r)  # the window's view terms are logged
         assert r["cached"] < 1e-6 * max(1.0, r["largest"]), (rank, r)
         # local accumulation scores each micro-batch against its own negatives only: a different gradient
         assert r["local"] > 1e-3 * r["largest"], (rank, r)

@@ -57,6 +57,24 @@ def test_finetune_config_round_trips_and_names_bad_fields(tmp_path):
         finetune_cfg("model.text=null", tower="text")
 
 
+def test_finetune_with_eval_data_evaluates_though_its_pretrained_run_did_not(tmp_path):
+    from mmssl.config import save_json
+    from mmssl.finetune_run import finetune_config
+
+    pretrained = tiny()
+    pretrained.train.eval_at_end = False  # as fsdd_benchmark.py's runs
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    save_json(pretrained, tmp_path / "config.json")
+
+    def made(*overrides, eval_shards="held/out-{0..1}.tar"):
+        kw = dict(shards="train-{0..1}.tar", tower="audio", eval_shards=eval_shards)
+        return finetune_config(tmp_path, **kw, overrides=["finetune.num_classes=3", *overrides]).train
+
+    assert made().eval_at_end
+    assert not made(eval_shards="").eval_at_end and not made("train.eval_at_end=false").eval_at_end
+
+
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
 def test_scores_match_scikit_learn():
     gen = torch.Generator().manual_seed(0)

@@ -97,3 +97,28 @@ def test_work_counts_trimmed_text_batches_at_their_real_size():
     assert rates["samples_per_s"] == 8 and rates["samples_per_s_per_rank"] == 4 and rates["data_wait"] == 0.25
     assert rates["mfu"] == pytest.approx(done["flops_done"] / 2.0 / 1e9)
     assert rates["tokens_per_s_text"] == pytest.approx(176 * 2 / 2.0)
+
+
+def test_unmasked_tuning_steps_count_the_whole_inputs_they_train_on():
+    """FLIP's unmasked tuning trains like the unmasked preset (views and distillation on too: the second
+    views go whole, the teacher rides on the masked pass), and the counter switches to that figure."""
+    from mmssl.flops import unmasked_tuning_config
+    from mmssl.runlog import Work
+
+    def with_views(cfg):
+        for m in ("image", "text", "audio"):
+            getattr(cfg.objectives.views, m).enabled = True
+        return cfg
+
+    masked, plain = with_views(get_preset("tiny_distill")), with_views(get_preset("tiny"))
+    tuned = unmasked_tuning_config(masked)
+    assert train_flops_per_sample(tuned, 8) == pytest.approx(train_flops_per_sample(plain, 8))
+    assert train_flops_per_sample(tuned, 8) != pytest.approx(train_flops_per_sample(masked, 8))
+    assert masked.objectives.masked_image.enabled  # the run's own config is left as it was
+    work = Work(
+        lambda text: train_flops_per_sample(masked, 8, text),
+        {},
+        lambda text: train_flops_per_sample(tuned, 8, text),
+    )
+    work.add({"__key__": ["a"] * 8, "text": torch.zeros(8, 16)}, tuning=True)
+    assert work.take()["flops_done"] == pytest.approx(8 * train_flops_per_sample(plain, 8, 16))

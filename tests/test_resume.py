@@ -1,6 +1,7 @@
 """Exact resume through the trainer: a run killed (SIGKILL, one rank) and resumed from its latest
 checkpoint trains on exactly the samples, and reaches exactly the losses, of an uninterrupted run; with
-self-distillation on, its EMA teacher too (restored from the checkpoint, then updated alike)."""
+self-distillation on, its EMA teacher too (restored from the checkpoint, then updated alike); under
+cached accumulation too (the 1-rank case)."""
 
 import contextlib
 import functools
@@ -98,8 +99,16 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 
 # One rank reads its shards over HTTP (the streamed reader's resume: reopen the shard, skip what was
-# taken); two ranks with two loader workers read local files (the indexed reader's). The 2-rank runs are
-# made once (a fixture) as the universal-checkpoint test starts from their last checkpoint.
+# taken) and trains in cached accumulation windows of 2 micro-batches of 4, with an image view
+# objective (each step is one window: both passes of it, its view loss over the window); two ranks with
+# two loader workers read local files (the indexed reader's). The 2-rank runs are made once (a fixture)
+# as the universal-checkpoint test starts from their last checkpoint.
+CACHED = (
+    "optim.micro_batch_size=4", "optim.grad_accum_steps=2", "objectives.contrastive.accumulate=cached",
+    "objectives.views.image.enabled=true",
+)  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "nproc, workers, where", [(1, 0, "http"), pytest.param(2, 2, "local", marks=pytest.mark.distributed)]
 )
@@ -108,7 +117,7 @@ def test_kill_one_rank_and_resume_exactly(demo_shards, tmp_path, request, nproc,
         runs = request.getfixturevalue("two_rank_kill")
     else:
         with http_shards(demo_shards / "train") as shards:
-            runs = kill_and_resume(shards, tmp_path, nproc, workers)
+            runs = kill_and_resume(shards, tmp_path, nproc, workers, CACHED)
     check_exact(**runs, nproc=nproc)
 
 
@@ -120,15 +129,17 @@ def two_rank_kill(demo_shards, tmp_path_factory) -> dict:
     return kill_and_resume(demo_shards, tmp_path_factory.mktemp("kill2"), 2, 2)
 
 
-def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int) -> dict:
+def kill_and_resume(
+    demo_shards: Path | str, tmp_path: Path, nproc: int, workers: int, extra: tuple[str, ...] = ()
+) -> dict:
     """An uninterrupted run, and a run killed (one rank) at a random step and resumed from its latest
     checkpoint; their folders, whether the kill came before the end, and the step resumed from."""
     reference = tmp_path / "reference"
-    run(command(reference, demo_shards, nproc, workers, *DISTILL))
+    run(command(reference, demo_shards, nproc, workers, *DISTILL, *extra))
 
     faulty = tmp_path / "faulty"
     job = subprocess.Popen(
-        command(faulty, demo_shards, nproc, workers, *DISTILL), cwd=REPO, start_new_session=True,
+        command(faulty, demo_shards, nproc, workers, *DISTILL, *extra), cwd=REPO, start_new_session=True,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     kill_after = random.randint(3, STEPS - 3)
@@ -149,7 +160,7 @@ def kill_and_resume(demo_shards: Path | str, tmp_path: Path, nproc: int, workers
     killed = job.returncode != 0
     resumed_from = int((faulty / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     if killed and 0 < resumed_from < STEPS:
-        run([*command(faulty, demo_shards, nproc, workers, *DISTILL), "--resume", "latest"])
+        run([*command(faulty, demo_shards, nproc, workers, *DISTILL, *extra), "--resume", "latest"])
     return {"reference": reference, "faulty": faulty, "killed": killed, "resumed_from": resumed_from}
 
 

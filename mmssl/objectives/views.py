@@ -90,9 +90,17 @@ class ViewObjective(nn.Module):
         self.head = projection_head(width, cfg)
         self.loss = NTXentLoss(cfg.temperature, rank=rank, world_size=world_size)
 
+    def project(self, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor]:
+        """Pooled tower features of the two views ``[B, D]`` each -> their normalised projections
+        ``[B, P]`` each (what cached accumulation keeps per micro-batch, to score a whole window)."""
+        return F.normalize(self.head(first), dim=-1), F.normalize(self.head(second), dim=-1)
+
+    def score(self, a: Tensor, b: Tensor, present: Tensor) -> dict[str, Tensor]:
+        """Projections ``[R, P]`` each (R rows: a micro-batch's, or a whole window's), presence ``[R]`` ->
+        ``{"views_<modality>_loss": t}``."""
+        return {f"views_{self.modality}_loss": self.loss(a, b, present)}
+
     def forward(self, first: Tensor, second: Tensor, present: Tensor) -> dict[str, Tensor]:
         """Pooled tower features of the two views ``[B, D]`` each, presence ``[B]`` ->
         ``{"views_<modality>_loss": t}``."""
-        a = F.normalize(self.head(first), dim=-1)  # [B, P]
-        b = F.normalize(self.head(second), dim=-1)  # [B, P]
-        return {f"views_{self.modality}_loss": self.loss(a, b, present)}
+        return self.score(*self.project(first, second), present)
