@@ -75,10 +75,9 @@ def _reduce_worker(rank: int, world: int, port: int, numel: int, reps: int, out:
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )  # fmt: skip
-    import deepspeed
-    import deepspeed.comm as ds_comm
+    from mmssl import engine  # the one DeepSpeed importer
 
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    engine.init_distributed()
     grads = torch.randn(numel)
 
     def timed(reduce) -> float:
@@ -92,9 +91,8 @@ def _reduce_worker(rank: int, world: int, port: int, numel: int, reps: int, out:
         return statistics.median(seconds)
 
     result = {"gloo": timed(lambda t: dist.all_reduce(t))}
-    shm = hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")
-    if shm:
-        result["deepspeed shm"] = timed(lambda t: ds_comm.inference_all_reduce(t, op=dist.ReduceOp.SUM))
+    if (shm := engine.shm_all_reduce()) is not None:
+        result["deepspeed shm"] = timed(shm)
     if rank == 0:
         out.update(result)
     dist.barrier()

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -81,6 +81,16 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def shm_all_reduce() -> Callable[[Tensor], object] | None:
+    """DeepSpeed's shared-memory all-reduce (sum, in place) of its CPU comm op, when that op built here:
+    the path its CPU backend takes on one node instead of gloo (``benchmarks/bench_scaling.py``)."""
+    if not (hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")):
+        return None
+    import deepspeed.comm as ds_comm
+
+    return lambda t: ds_comm.inference_all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
