@@ -134,13 +134,6 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"engine.offload_params needs ZeRO stage 3, the DeepSpeed config gives stage {stage}"
             )
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if zero.get("contiguous_gradients", "auto") == "auto":
-        # The contiguous gradient buffer copies every gradient twice in backward (into the reduce bucket,
-        # then into the partition): on GPU it saves the allocator from fragmenting, on CPU it is pure copy.
-        # Measured (small_masked, batch 64, fp32, ZeRO-2, 2 alternating rounds, same losses): 1 rank
-        # aten::copy_ 24.2/24.4% -> 15.4/15.7% of CPU time, 8051/7126 -> 6578/6136 ms/step; 2 ranks
-        # 12.3/11.3% -> 8.2/8.5%, 1693/1713 -> 1523/1394 ms/step.
-        zero["contiguous_gradients"] = torch.cuda.is_available()
     if cfg.engine.load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if stage == 3 and not torch.cuda.is_available():

@@ -89,23 +89,6 @@ def test_zero_buckets_are_capped_at_the_model_size():
     assert ds["zero_optimization"] == {"reduce_bucket_size": 2048, "allgather_bucket_size": 50}
 
 
-def test_contiguous_gradients_are_off_on_cpu_unless_the_ds_config_says(tmp_path, monkeypatch):
-    """The repo's ds_config.json leaves ZeRO's contiguous gradient buffer to the device: on only on GPU
-    (on CPU it is two extra copies of every gradient per step); a value the user's file sets is kept."""
-    import torch
-
-    from mmssl.engine import resolve_ds_config
-
-    cfg = apply_overrides(get_preset("tiny"), ["data.train_shards=x"])
-    for cuda in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
-        assert resolve_ds_config(cfg, world_size=2)["zero_optimization"]["contiguous_gradients"] is cuda
-    (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage": 2, "contiguous_gradients": true}}')
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    ours = apply_overrides(cfg, [f"engine.ds_config={tmp_path / 'ds.json'}"])
-    assert resolve_ds_config(ours, world_size=1)["zero_optimization"]["contiguous_gradients"] is True
-
-
 def test_image_augment_reaches_the_training_stream_only_when_it_does_something():
     from data_pipelines import ImageAugment
     from mmssl.data import stream_config
