@@ -40,6 +40,20 @@ CONFIGS = {
 MFU_TARGET = 0.40
 
 
+def steady_rows(
+    command: list[str], env: dict, run_dir: Path, log: Path, *, warmup: int, what: str
+) -> list[dict]:
+    """Run one ``mmssl train`` ``command`` (output to ``log``) and return its logged rows after ``warmup``
+    steps that carry throughput, but the last (it also covers the checkpoint save)."""
+    with open(log, "w") as f:
+        proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise SystemExit(f"{what} failed; see {log}")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["step"] > warmup and "samples_per_s" in r]
+    return kept[:-1] if len(kept) > 1 else kept
+
+
 def run(name: str, args: argparse.Namespace, out: Path, k: int) -> dict:
     preset, overrides = CONFIGS[name]
     run_dir = out / f"{name.split()[0]}-{len(overrides)}-{k}"
@@ -52,14 +66,7 @@ def run(name: str, args: argparse.Namespace, out: Path, k: int) -> dict:
     # a fresh peak probe in every run (no cache): MFU is against what the machine gives right now
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MMSSL_CACHE": str(run_dir / "peak")}
     log = out / f"{run_dir.name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench: {name} failed; see {log}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    kept = [r for r in rows if r["step"] > args.warmup and "samples_per_s" in r]
-    # the final row also covers the checkpoint save: leave it out
-    kept = kept[:-1] if len(kept) > 1 else kept
+    kept = steady_rows(command, env, run_dir, log, warmup=args.warmup, what=f"bench: {name}")
     summary = json.loads((run_dir / "summary.json").read_text())
     batch = json.loads((run_dir / "ds_config.json").read_text())["train_batch_size"]
     peak = re.search(r"peak ([\d.]+) GFLOP/s per rank", log.read_text())

@@ -22,12 +22,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mfu import REPO, steady_rows  # noqa: E402
+
 TARGET = 0.95
 LAYOUTS = {"1 rank x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}  # (ranks, threads per rank)
 
@@ -52,13 +53,8 @@ def train(args: argparse.Namespace, shards: Path, out: Path, ranks: int, threads
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MMSSL_CACHE": str(out / "cache")}
     log = out / f"{run_dir.name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.run(command, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        raise SystemExit(f"bench_scaling: the {ranks} x {threads} run failed; see {log}")
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    kept = [r for r in rows if r["step"] > args.warmup and "samples_per_s" in r]
-    kept = kept[:-1] if len(kept) > 1 else kept  # the final row also covers the checkpoint save
+    what = f"bench_scaling: the {ranks} x {threads} run"
+    kept = steady_rows(command, env, run_dir, log, warmup=args.warmup, what=what)
     return {
         "samples_per_s": statistics.median(r["samples_per_s"] for r in kept),
         "data_wait": statistics.median(r["data_wait"] for r in kept),
