@@ -63,15 +63,16 @@ def test_batch_run_logs_plain_lines_and_a_failed_final_eval_keeps_the_run(tmp_pa
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000003"
 
 
-def test_plain_log_lines_off_a_terminal(tmp_path, capsys):
-    log = runlog.RunLog(
-        tmp_path,
-        enabled=True,
-        total_steps=100,
-        start_step=0,
-        throughput=runlog.Throughput(samples_per_step=8, world_size=1, peak_flops=1e9),
-        interactive=False,
+def plain_log(run_dir, *, peak_flops: float) -> runlog.RunLog:
+    """A run log of 100 steps writing plain lines (as off a terminal), 8 samples per step on 1 rank."""
+    throughput = runlog.Throughput(samples_per_step=8, world_size=1, peak_flops=peak_flops)
+    return runlog.RunLog(
+        run_dir, enabled=True, total_steps=100, start_step=0, throughput=throughput, interactive=False
     )
+
+
+def test_plain_log_lines_off_a_terminal(tmp_path, capsys):
+    log = plain_log(tmp_path, peak_flops=1e9)
     time.sleep(0.01)
     log.advance()
     log.log(1, {"loss": 2.5, "data_wait_seconds": 0.0, "flops_done": 1e6})
@@ -87,14 +88,7 @@ def test_plain_log_lines_off_a_terminal(tmp_path, capsys):
 def test_mfu_above_the_peak_is_flagged_not_shown(tmp_path, capsys):
     """An MFU over 100% means the peak read low (a CPU probe timed under load): the line shows >100%,
     one warning says why and how to probe again, and metrics.jsonl keeps the ratio."""
-    log = runlog.RunLog(
-        tmp_path,
-        enabled=True,
-        total_steps=100,
-        start_step=0,
-        throughput=runlog.Throughput(samples_per_step=8, world_size=1, peak_flops=1.0),
-        interactive=False,
-    )
+    log = plain_log(tmp_path, peak_flops=1.0)
     for step in (1, 2):
         time.sleep(0.01)
         log.advance()
