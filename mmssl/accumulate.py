@@ -101,7 +101,7 @@ def _micro_gradients(
     return WindowGradients(
         embeddings={m: g[rows] for m, g in of("embeddings").items() if m in batch},
         views={m: (grad[("views", m, 0)][rows], grad[("views", m, 1)][rows])
-               for m in dict.fromkeys(key[1] for key in grad if key[0] == "views") if m in batch},
+               for m in batch if ("views", m, 0) in grad},
         scales=of("scales") if first else {},
         biases=of("biases") if first else {},
     )  # fmt: skip
@@ -120,14 +120,11 @@ def _window_embeddings(
     embeddings, present = {}, {}
     for m in task.model.modalities:
         kept = [p["embeddings"].get(m) for p in passes]
-        like = next((e for e in kept if e is not None), None)
-        if like is None:
+        if all(e is None for e in kept):
             continue
-        embeddings[m] = torch.cat(
-            [like.new_zeros(n, like.shape[1]) if e is None else e for e, n in zip(kept, rows, strict=True)]
-        ).requires_grad_()  # [K*B, E]
+        embeddings[m] = _window_leaf(kept, rows)  # [K*B, E]
         present[m] = torch.cat(
-            [b["present"][m] if m in b["present"] else like.new_zeros(n, dtype=torch.bool)
+            [b["present"][m] if m in b["present"] else embeddings[m].new_zeros(n, dtype=torch.bool)
              for b, n in zip(batches, rows, strict=True)]
         )  # fmt: skip
     return embeddings, present
@@ -139,17 +136,20 @@ def _window_views(
     """The window's view projections ``{modality: ([K*B, P], [K*B, P])}`` as leaves that take a gradient
     (zero rows for a micro-batch without the modality: its presence, from the batch, is all False)."""
     rows = [_rows(b) for b in batches]
-    views = {}
-    for m in dict.fromkeys(m for p in passes for m in p["views"]):
-        like = next(p["views"][m][0] for p in passes if m in p["views"])
-        views[m] = tuple(
-            torch.cat(
-                [p["views"][m][i] if m in p["views"] else like.new_zeros(n, like.shape[1])
-                 for p, n in zip(passes, rows, strict=True)]
-            ).requires_grad_()  # [K*B, P]
-            for i in (0, 1)
-        )  # fmt: skip
-    return views
+    modalities = dict.fromkeys(m for p in passes for m in p["views"])
+    return {
+        m: tuple(_window_leaf([p["views"][m][i] if m in p["views"] else None for p in passes], rows)
+                 for i in (0, 1))
+        for m in modalities
+    }  # fmt: skip
+
+
+def _window_leaf(kept: list[Tensor | None], rows: list[int]) -> Tensor:
+    """Micro-batches' ``[B, X]`` tensors (None: zeros of its ``rows``) -> the window's ``[K*B, X]`` as a leaf
+    that takes a gradient."""
+    like = next(t for t in kept if t is not None)
+    parts = [like.new_zeros(n, like.shape[1]) if t is None else t for t, n in zip(kept, rows, strict=True)]
+    return torch.cat(parts).requires_grad_()
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
