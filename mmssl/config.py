@@ -473,6 +473,11 @@ class RunConfig:
                     f"objectives.distill.top_k={d.top_k} exceeds model.{modality}.depth={depth} blocks"
                 )
 
+    def unmasked_tuning(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (0-based) is one of the last ``objectives.unmasked_tuning_steps``
+        (FLIP's unmasked tuning: masked objectives off, whole inputs)."""
+        return step >= self.train.steps - self.objectives.unmasked_tuning_steps
+
     def distilled_modalities(self) -> tuple[str, ...]:
         """The towers distillation trains: its named ones, or every tower whose masked objective is on."""
         d = self.objectives.distill

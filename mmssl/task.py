@@ -112,10 +112,6 @@ class Task(nn.Module):
     def masked_objective(self, modality: str) -> nn.Module | None:
         return getattr(self, f"masked_{modality}")
 
-    def unmasked_tuning(self, step: int) -> bool:
-        """Whether optimizer step ``step`` (0-based) is one of the last ``unmasked_tuning_steps``."""
-        return step >= self.cfg.train.steps - self.cfg.objectives.unmasked_tuning_steps
-
     def encode(
         self, batch: dict[str, Tensor], step: int, micro: int
     ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
@@ -127,7 +123,7 @@ class Task(nn.Module):
         device = next(iter(present.values())).device
         seed = mask_seed(self.cfg.train.seed, self.rank, step, micro)
         generator = torch.Generator(device=device).manual_seed(seed)
-        tuning = self.unmasked_tuning(step)
+        tuning = self.cfg.unmasked_tuning(step)
         embeddings: dict[str, Tensor] = {}
         first_views: dict[str, Tensor] = {}
         terms: dict[str, Tensor] = {}

@@ -214,7 +214,7 @@ class Trainer:
                 self.skip()
                 continue
             self.bad_in_a_row = 0
-            tuning = self.step >= cfg.train.steps - cfg.objectives.unmasked_tuning_steps
+            tuning = cfg.unmasked_tuning(self.step)
             for batch in batches:
                 self.work.add(batch, tuning=tuning)
             self.micro = (self.micro + self.unit) % cfg.optim.grad_accum_steps
