@@ -9,9 +9,10 @@
    (e) as (b) plus the view objectives (each second view masked like the first);
    (f) as (b) plus self-distillation from an EMA teacher (``{preset}_distill``: one teacher forward
        without gradients per tower, light decoders, and the fused EMA update after the optimizer step,
-       timed on its own too).
+       timed on its own too);
+   (g) as (a) with SigLIP's sigmoid loss on every pair instead of InfoNCE (``{preset}_siglip``).
    Variants alternate round by round; medians are compared: b/a and c/a (target b/a <= 1.0), what
-   the views cost: d/a and e/b, and what distillation costs: f/b and the EMA update's share.
+   the views cost: d/a and e/b, what distillation costs: f/b and the EMA update's share, and SigLIP: g/a.
 2. Linear-probe accuracy of frozen embeddings (logistic regression on the demo labels, train split ->
    test split) after the same number of training steps for every variant: with and without the masked
    objectives, (c) with them but contrasting unmasked inputs, (d, e) with view objectives.
@@ -49,6 +50,7 @@ VARIANTS = {
     "d: + views": ("{preset}", VIEWS),
     "e: + masked, one pass, + views": ("{preset}_masked", VIEWS),
     "f: + masked, one pass, + distill": ("{preset}_distill", []),
+    "g: SigLIP instead of InfoNCE": ("{preset}_siglip", []),
 }
 
 
@@ -159,6 +161,8 @@ def main() -> None:
         f"distillation cost: f/b = {f_b:.2f}; its EMA update (one fused lerp over {teacher / 1e6:.2f}M "
         f"teacher parameters) {ema_ms:.2f} ms/step = {ema_ms / (1000 * distill):.1%} of its step"
     )
+    g_a = medians["g: SigLIP instead of InfoNCE"] / base
+    print(f"SigLIP on every pair instead of InfoNCE: g/a = {g_a:.2f}")
     if probes:
         print(f"\nlinear probe after {args.probe_steps} steps (top-1 on the test split)")
         modalities = sorted(next(iter(probes.values())))
@@ -176,6 +180,7 @@ def main() -> None:
                 "d/a": d_a,
                 "e/b": e_b,
                 "f/b": f_b,
+                "g/a": g_a,
                 "ema_update_ms": ema_ms,
                 "probe": probes,
             },  # fmt: skip

@@ -399,7 +399,7 @@ class RunConfig:
         for modality in MODALITIES:
             if self.objectives.masked(modality).enabled and getattr(self.model, modality) is None:
                 raise ValueError(f"objectives.masked_{modality}.enabled but model.{modality} is off")
-        if self.engine.zero_stage == 3 and self.objectives.unmasked_contrastive_pass:
+        if self.engine.zero_stage == 3 and self.objectives.any_unmasked_pass():
             raise ValueError(
                 "engine.zero_stage=3 runs each tower once per step (the masked pass serves the contrastive loss): "
                 "set objectives.unmasked_contrastive_pass=false"

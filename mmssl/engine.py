@@ -146,7 +146,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
         zero["stage3_allgather_sequential"] = True
     if stage == 3 and cfg.engine.compile:
         raise ValueError("engine.compile is not supported with ZeRO-3 (the DeepSpeed config gives stage 3)")
-    if stage == 3 and cfg.objectives.unmasked_contrastive_pass:
+    if stage == 3 and cfg.objectives.any_unmasked_pass():
         raise ValueError(
             "ZeRO-3 runs each tower once per step: set objectives.unmasked_contrastive_pass=false"
         )

@@ -164,7 +164,7 @@ def forward_flops_per_sample(
             continue
         patches, patch_dim, width = patch_shape(cfg, name)
         masked = o.masked(name)
-        passes = 2 if masked.enabled and o.unmasked_contrastive_pass else 1
+        passes = 2 if o.unmasked_pass(name) else 1
         embed = (
             2 * patches * patch_dim * width
             if tower.kind == "native"
@@ -177,7 +177,7 @@ def forward_flops_per_sample(
             decoder = 2 * k * width * dw + transformer_flops(patches, dw, masked.decoder_depth, 4.0)
             decoder += 2 * patches * dw * patch_dim
             parts[name] = patch_encoder_flops(cfg, name, k) + decoder
-            parts[name] += patch_encoder_flops(cfg, name, patches) if o.unmasked_contrastive_pass else 0.0
+            parts[name] += patch_encoder_flops(cfg, name, patches) if o.unmasked_pass(name) else 0.0
         else:
             parts[name] = patch_encoder_flops(cfg, name, patches)
     if m.text is not None:
@@ -187,7 +187,7 @@ def forward_flops_per_sample(
         if o.masked_text.enabled:
             slots = selection_slots(t.context_length, o.masked_text.select_prob)  # the head's positions
             parts["text"] += mlm_head_flops(cfg, slots)
-            parts["text"] += encoder if o.unmasked_contrastive_pass else 0.0
+            parts["text"] += encoder if o.unmasked_pass("text") else 0.0
     pairs = len(o.contrastive.pair_names(m.modalities))
     parts["contrastive"] = pairs * 2 * global_batch * e  # one [B, N] logit matmul per pair, per row
     parts.update(views_flops_per_sample(cfg, global_batch, text_tokens))
@@ -231,7 +231,7 @@ def views_flops_per_sample(cfg: RunConfig, global_batch: int, text_tokens: int |
         tower, view = getattr(m, name), getattr(o.views, name)
         if tower is None:
             continue
-        masked = o.masked(name).enabled and not o.unmasked_contrastive_pass
+        masked = o.masked(name).enabled and not o.unmasked_pass(name)
         if name == "text":
             width = cfg.model.text.width if tower.kind == "native" else foreign_tower(cfg, "text").width
             encoder = text_encoder_flops(cfg, text_tokens or tower.context_length) - 2 * width * e

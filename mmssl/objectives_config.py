@@ -251,8 +251,9 @@ class ObjectivesConfig:
     masked_text: MaskedTextConfig = field(default_factory=MaskedTextConfig)
     masked_audio: MaskedPatchConfig = field(default_factory=lambda: MaskedPatchConfig(mask_ratio=0.8))
     # False: each tower runs once per step on its masked input and that pass also feeds the contrastive
-    # loss (FLIP, CAV-MAE). True: a second, unmasked pass feeds the contrastive loss.
-    unmasked_contrastive_pass: bool = False
+    # loss (FLIP, CAV-MAE). True: a second, unmasked pass feeds the contrastive loss. A list of modalities
+    # (e.g. ["audio"]): the second pass for those towers only, the others share their masked pass.
+    unmasked_contrastive_pass: bool | tuple[str, ...] = False
     # intra-modal terms between two views of each sample; see ViewConfig
     views: ViewsConfig = field(default_factory=ViewsConfig)
     # FLIP's unmasked tuning: the last N steps of training switch every masked objective off, so the
@@ -266,6 +267,23 @@ class ObjectivesConfig:
             getattr(self, name).validate(f"{path}.{name}")
         if self.unmasked_tuning_steps < 0:
             raise ValueError(f"{path}.unmasked_tuning_steps must be >= 0, got {self.unmasked_tuning_steps}")
+        if not isinstance(self.unmasked_contrastive_pass, bool):
+            for i, modality in enumerate(self.unmasked_contrastive_pass):
+                if modality not in MODALITIES:
+                    raise ValueError(
+                        f"{path}.unmasked_contrastive_pass[{i}]: {modality!r} is not one of {list(MODALITIES)}"
+                    )
+
+    def unmasked_pass(self, modality: str) -> bool:
+        """Whether ``modality``'s contrastive embedding comes from a second, unmasked pass (its masked
+        objective on): for every tower (``unmasked_contrastive_pass=true``) or the towers listed."""
+        chosen = self.unmasked_contrastive_pass
+        listed = chosen if isinstance(chosen, bool) else modality in chosen
+        return listed and self.masked(modality).enabled
+
+    def any_unmasked_pass(self) -> bool:
+        """Whether some tower runs a second, unmasked pass for the contrastive loss."""
+        return any(self.unmasked_pass(m) for m in MODALITIES)
 
     def masked(self, modality: str) -> MaskedPatchConfig | MaskedTextConfig:
         return getattr(self, f"masked_{modality}")

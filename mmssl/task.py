@@ -3,7 +3,8 @@
 This is the module DeepSpeed wraps. By default each tower runs once per step: on its masked input
 when its masked objective is on, and that same pass gives the pooled embedding for the contrastive
 loss (FLIP, CAV-MAE), so the masked objectives make a step cheaper, not dearer. With
-``objectives.unmasked_contrastive_pass`` a second, clean pass feeds the contrastive loss instead.
+``objectives.unmasked_contrastive_pass`` (every tower, or the towers listed) a second, clean pass feeds
+the contrastive loss instead.
 
 View objectives (``objectives.views.<modality>``) contrast the pass the contrastive loss saw (the
 first view) with one more pass of a second view: the loader's second augmentation of the image or
@@ -252,7 +253,7 @@ class Task(nn.Module):
             if distill:
                 target = self.teacher.targets(modality, x)  # [B, L, D], from the whole input
                 masked_terms |= self.distill.patch_terms(modality, features, keep, target, present)
-        if self.cfg.objectives.unmasked_contrastive_pass:
+        if self.cfg.objectives.unmasked_pass(modality):
             features, seen = tower.forward_features(x), x
         return features, seen, masked_terms
 
@@ -262,7 +263,7 @@ class Task(nn.Module):
         """Pooled features ``[B, D]`` of a sample's second view, passed as the contrastive pass was (masked
         when ``masked`` and the contrastive pass takes the masked pass)."""
         tower, objective = getattr(self.model, modality), self.masked_objective(modality)
-        masked = masked and not self.cfg.objectives.unmasked_contrastive_pass
+        masked = masked and not self.cfg.objectives.unmasked_pass(modality)
         if modality == "text":
             text = batch["text"]  # the same caption: dropout makes the view
             tokens = objective.corrupt(text, generator)[0] if masked else text

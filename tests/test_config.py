@@ -58,6 +58,7 @@ def test_bad_overrides_name_the_field(override, message):
         ("objectives.contrastive.init_temperature=0.001", "max_logit_scale"),
         ("data.image_augment.scale=[0.9, 1.2]", r"data\.image_augment: ImageAugment\.scale"),
         ("data.image_augment.flip=2", r"data\.image_augment: ImageAugment\.flip"),
+        ('objectives.unmasked_contrastive_pass=["sound"]', r"objectives\.unmasked_contrastive_pass\[0\]"),
     ],
 )
 def test_invalid_values_are_refused_by_validate(override, message):

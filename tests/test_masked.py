@@ -199,6 +199,10 @@ def test_task_weights_schedules_and_one_pass():
     calls.update(image=0, text=0, audio=0)
     task(batch, step=4)
     assert calls == {"image": 2, "text": 2, "audio": 2}
+    cfg.objectives.unmasked_contrastive_pass = ("audio",)  # the second pass for audio only
+    calls.update(image=0, text=0, audio=0)
+    task(batch, step=4)
+    assert calls == {"image": 1, "text": 1, "audio": 2}
 
 
 def _batch_and_pass_counter(task: Task) -> tuple[dict, dict[str, int]]:
