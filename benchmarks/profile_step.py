@@ -63,8 +63,10 @@ def main() -> None:
     cfg = cfg.validate()
     info = engine.init_distributed()
     torch.manual_seed(cfg.train.seed)
-    eng = engine.Engine(Task(cfg), cfg, info)
-    batches = iter(data.loader(cfg, train=True))
+    # each rank its own share of the data and of the contrastive batch, as the trainer builds them
+    task = Task(cfg, rank=info.rank, world_size=info.world_size)
+    eng = engine.Engine(task, cfg, info)
+    batches = iter(data.loader(cfg, train=True, rank=info.rank, world_size=info.world_size))
     phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "step": 0.0}
 
     def step(i: int, timed: bool) -> None:

@@ -134,6 +134,7 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
                 f"engine.offload_params needs ZeRO stage 3, the DeepSpeed config gives stage {stage}"
             )
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    check_cpu_gradient_reduce(zero, stage, world_size, path)
     if cfg.engine.load_universal:
         ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
     if stage == 3 and not torch.cuda.is_available():
@@ -162,6 +163,24 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     elif bf16.get("enabled", "auto") == "auto":
         bf16["enabled"] = torch.cuda.is_available()  # no hardware bf16 on CPU here: ~100x slower matmuls
     return ds
+
+
+def check_cpu_gradient_reduce(zero: dict[str, Any], stage: int, world_size: int, path: Path) -> None:
+    """ZeRO-1/2 on the CPU accelerator needs contiguous_gradients: without the contiguous buffer,
+    DeepSpeed (0.19.7, stage_1_and_2.py ``buffered_reduce_fallback``) sorts the gradients into buckets
+    with ``split_half_float_double``, which matches ``t.type()`` against "torch.cpu.FloatTensor" and
+    the like; a CPU tensor's type is "torch.FloatTensor", so every bucket is empty, nothing is
+    all-reduced, and each rank steps its partition on its own gradient. An optimizer offload forces
+    the buffer on, and one rank has nothing to reduce."""
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    if (
+        stage in (1, 2) and world_size > 1 and not torch.cuda.is_available() and not offloaded
+        and zero.get("contiguous_gradients", True) is False
+    ):  # fmt: skip
+        raise ValueError(
+            f"{path}: zero_optimization.contiguous_gradients=false on CPU makes DeepSpeed {deepspeed.__version__} "
+            f"skip the gradient all-reduce of ZeRO-{stage} (every rank trains on its own gradient): set it to true"
+        )
 
 
 _BUCKETS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
