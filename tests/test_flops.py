@@ -34,8 +34,14 @@ def batch_for(cfg, b: int) -> dict:
         ("tiny_masked", []),
         ("tiny_siglip", ["objectives.contrastive.kinds.image_audio=infonce"]),
         ("tiny_masked", ["objectives.unmasked_contrastive_pass=true"]),
-        ("tiny_masked", ['objectives.unmasked_contrastive_pass=["audio"]', "objectives.views.audio.enabled=true",
-                         "objectives.views.image.enabled=true"]),
+        (
+            "tiny_masked",
+            [
+                'objectives.unmasked_contrastive_pass=["audio"]',
+                "objectives.views.audio.enabled=true",
+                "objectives.views.image.enabled=true",
+            ],
+        ),
         ("tiny_masked", ["objectives.masked_audio.mode=time", 'objectives.contrastive.pairs=["image_text"]']),
         ("tiny", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
         ("tiny_masked", [f"objectives.views.{m}.enabled=true" for m in ("image", "text", "audio")]),
