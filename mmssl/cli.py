@@ -57,7 +57,7 @@ def launched_by_launcher() -> bool:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from mmssl import data, engine, pretrained
+    from mmssl import data, ds_config, pretrained
     from mmssl.encoders import check_towers
 
     if launched_by_launcher():  # a worker: the first process has checked everything already
@@ -76,7 +76,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_towers(cfg)  # timm / Hugging Face towers: installed, named right, buildable
         data.check_shards(cfg)
         if world:
-            engine.resolve_ds_config(cfg, world_size=world)
+            ds_config.resolve_ds_config(cfg, world_size=world)
         run_dir = Path(cfg.run_dir)
         resume = args.resume and resume_tag(args.resume, run_dir / "checkpoints", world, cfg)
         if not resume:  # a resumed run's checkpoint holds every weight
@@ -126,7 +126,7 @@ def launch_run(
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from mmssl import data, engine, pretrained
+    from mmssl import data, ds_config, pretrained
     from mmssl.finetune_run import finetune_config
 
     with user_errors():
@@ -138,7 +138,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
             linear=args.linear, run_dir=args.run_dir, overrides=args.overrides,
         )  # fmt: skip
         data.check_shards(cfg)
-        engine.resolve_ds_config(cfg, world_size=args.nproc)
+        ds_config.resolve_ds_config(cfg, world_size=args.nproc)
         run_dir = Path(cfg.run_dir)
         resume = args.resume and resume_tag(args.resume, run_dir / "checkpoints", args.nproc, cfg)
         if not resume:  # a resumed run's checkpoint holds every weight
@@ -176,21 +176,21 @@ def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -
     """The checkpoint tag to resume from. A checkpoint written by another number of ranks is converted
     to DeepSpeed's universal format first, and the run loads it as such (the step count is kept; the
     data stream cannot continue exactly and reseeds, with a warning)."""
-    from mmssl import engine
+    from mmssl import ds_checkpoint
 
     if not (ckpt_dir / "latest").is_file():
         raise ValueError(f"--resume {resume}: {ckpt_dir} holds no checkpoint")
-    tag = engine.latest_tag(ckpt_dir) if resume == "latest" else resume
+    tag = ds_checkpoint.latest_tag(ckpt_dir) if resume == "latest" else resume
     if not (ckpt_dir / tag).is_dir():
         raise ValueError(f"--resume {resume}: there is no checkpoint {ckpt_dir / tag}")
     check_same_head(cfg, ckpt_dir.parent / "config.json")
-    saved = engine.saved_world_size(ckpt_dir, tag)
+    saved = ds_checkpoint.saved_world_size(ckpt_dir, tag)
     if tag.endswith("_universal"):
         cfg.engine.load_universal = True
     elif world and saved and saved != world:
         print(f"mmssl: {tag} was written by {saved} ranks and this run has {world}: converting it to a "
               "universal checkpoint", file=sys.stderr)  # fmt: skip
-        tag = engine.to_universal(ckpt_dir, tag)
+        tag = ds_checkpoint.to_universal(ckpt_dir, tag)
         cfg.engine.load_universal = True
     return tag
 
@@ -227,12 +227,14 @@ def launch_ranks(
     default ``nproc`` ranks on this machine). Each rank learns its rank, the world size and its master
     from the environment (``launched_by_launcher``); ``env`` adds to it. Returns the exit code of the
     first rank that failed, else 0."""
-    from mmssl import engine
+    from mmssl import ranks
+    from mmssl.ds_config import name_cpu_accelerator
 
     env = {**os.environ, **(env or {})}
+    name_cpu_accelerator(env)  # for the runner and the ranks it starts
     if not _has_cuda():  # share the cores between the CPU ranks instead of oversubscribing them
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    port = port or engine.free_port()
+    port = port or ranks.free_port()
     argv = [
         sys.executable, "-m", "deepspeed.launcher.runner", *(where or ["--num_gpus", str(nproc)]),
         "--master_port", str(port),
@@ -242,7 +244,7 @@ def launch_ranks(
     try:
         return subprocess.run(argv, env=env).returncode
     finally:
-        engine.remove_shm_buffers(port)
+        ranks.remove_shm_buffers(port)
 
 
 def without_nproc(argv: list[str]) -> list[str]:
@@ -319,7 +321,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.nproc > 1 and not worker:
         return launch_ranks(without_nproc(args.argv), nproc=args.nproc)
 
-    from mmssl import checkpoint, engine
+    from mmssl import checkpoint, engine, ranks
     from mmssl.eval.run import run_eval
     from mmssl.runlog import on_terminal
 
@@ -342,7 +344,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             progress=on_terminal(),
         )  # fmt: skip
     if worker:
-        engine.shutdown()
+        ranks.shutdown()
     if rank == 0:
         print(f"wrote {out / 'eval.json'}, {out / 'eval.html'} (tables, similarity.png, loss.png)")
     return 0

@@ -64,14 +64,14 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
     environment; one thread per rank on the CPU), minus the process start-up and imports a launched run
     pays. The process group is the pool's and outlives the command: mmssl's shutdown at its end is
     skipped. Returns what the command printed; a command that exits non-zero raises with it."""
-    from mmssl import cli, engine
+    from mmssl import cli, ranks
 
     env = launcher_env(rank, world)
     saved = {k: os.environ.get(k) for k in env}
-    threads, shutdown = torch.get_num_threads(), engine.shutdown
+    threads, shutdown = torch.get_num_threads(), ranks.shutdown
     os.environ.update(env)
     torch.set_num_threads(1)
-    engine.shutdown = lambda: None
+    ranks.shutdown = lambda: None
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
@@ -80,7 +80,7 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
             except SystemExit as e:
                 code = e.code
     finally:
-        engine.shutdown = shutdown
+        ranks.shutdown = shutdown
         torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
@@ -147,6 +147,6 @@ class GlooPool:
             if p.is_alive():
                 p.kill()
                 p.join()
-        from mmssl.engine import remove_shm_buffers
+        from mmssl.ranks import remove_shm_buffers
 
         remove_shm_buffers(self.port)  # DeepSpeed's shared-memory all-reduce buffers, named after the port

@@ -82,7 +82,7 @@ def test_unknown_preset_and_unknown_json_field():
 def test_zero_buckets_are_capped_at_the_model_size():
     from torch import nn
 
-    from mmssl.engine import cap_buckets
+    from mmssl.ds_config import cap_buckets
 
     model = nn.Linear(100, 20)  # 2020 parameters
     ds = cap_buckets({"zero_optimization": {"reduce_bucket_size": 5e7, "allgather_bucket_size": 50}}, model)

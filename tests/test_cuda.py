@@ -41,7 +41,7 @@ def _batch(cfg, seed: int, device: str = "cpu") -> dict:
 
 
 def _trajectory_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+    from mmssl import engine, ranks
     from mmssl.config import apply_overrides
     from mmssl.presets import get_preset
     from mmssl.task import Task
@@ -57,7 +57,7 @@ def _trajectory_worker(_: int, out: dict) -> None:
             batch = to_device(_batch(cfg, step % 4), info.device, eng.dtype)
             losses.append(float(train_step(eng, batch, step=step, micro=0)["loss"]))
         out[precision] = {"losses": losses, "dtype": str(eng.dtype)}
-    engine.shutdown()
+    ranks.shutdown()
 
 
 def test_bf16_follows_the_fp32_loss_trajectory():
@@ -151,13 +151,13 @@ def test_loader_batches_are_pinned_and_reach_the_gpu_intact(demo_shards):
 def _nccl_worker(_: int, out: dict) -> None:
     import torch.distributed as dist
 
-    from mmssl import engine
+    from mmssl import engine, ranks
 
     info = engine.init_distributed()
     x = torch.full((4,), 3.0, device=info.device)
     dist.all_reduce(x)
     out.update(backend=dist.get_backend(), device=str(info.device), world=info.world_size, sum=x.tolist())
-    engine.shutdown()
+    ranks.shutdown()
 
 
 def test_one_rank_init_joins_an_nccl_group_on_the_gpu():

@@ -98,7 +98,8 @@ def _engine_run(eng, cfg, batches, start: int) -> list[float]:
 
 
 def _resume_worker(_: int, run_dir: str, out: dict) -> None:
-    from mmssl import engine
+    from mmssl import engine, ranks
+    from mmssl.ds_checkpoint import saved_teacher
 
     cfg = distill_only(f"engine.ds_config={REPO / 'ds_config.json'}", "optim.warmup_steps=0")
     info = engine.init_distributed()
@@ -122,8 +123,8 @@ def _resume_worker(_: int, run_dir: str, out: dict) -> None:
         torch.equal(a, b)
         for a, b in zip(whole.teacher.parameters(), resumed.teacher.parameters(), strict=True)
     )
-    out["saved"] = sorted(engine.saved_teacher(run_dir))[:2]
-    engine.shutdown()
+    out["saved"] = sorted(saved_teacher(run_dir))[:2]
+    ranks.shutdown()
 
 
 def test_engine_updates_the_teacher_after_each_step_and_a_resumed_engine_continues_it_exactly(tmp_path):
@@ -262,7 +263,7 @@ def test_collapse_guard_stops_a_run_and_export_teacher_writes_the_teachers_tower
     step 2 with the guard's line; its step-1 checkpoint exports with --teacher to the teacher's towers."""
     from safetensors.torch import load_file
 
-    from mmssl.engine import saved_teacher
+    from mmssl.ds_checkpoint import saved_teacher
 
     run_dir = tmp_path / "collapse"
     train = subprocess.run(

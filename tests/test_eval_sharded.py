@@ -13,11 +13,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl.engine import free_port
 from mmssl.eval.embeddings import embed_split
 from mmssl.eval.run import EvalPlan, run_eval
 from mmssl.model import MultimodalModel
 from mmssl.presets import tiny
+from mmssl.ranks import free_port
 
 pytestmark = pytest.mark.distributed
 CLASSES = [f"class {i}" for i in range(10)]

@@ -208,7 +208,7 @@ def test_classes_come_from_the_labels_or_classes_json(tmp_path):
 
 
 def _linear_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+    from mmssl import engine, ranks
     from mmssl.train import train_step
 
     info = engine.init_distributed()
@@ -231,7 +231,7 @@ def _linear_worker(_: int, out: dict) -> None:
             "head_changed": not torch.equal(before["head.linear.weight"], after["head.linear.weight"]),
             "state_numel": sum(s["exp_avg"].numel() for s in eng.optimizer.optimizer.state.values()),
         }
-    engine.shutdown()
+    ranks.shutdown()
 
 
 def test_linear_finetune_leaves_every_tower_weight_bit_identical():

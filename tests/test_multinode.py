@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl import cli, engine
+from mmssl import cli, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.distributed
 def test_two_nodes_one_rank_each_train_as_one_world(tmp_path):
     train = write_shards(synthetic_samples(64, seed=1, image_size=32), tmp_path / "train", max_count=16)
-    run_dir, port = tmp_path / "run", engine.free_port()
+    run_dir, port = tmp_path / "run", ranks.free_port()
     common = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny", "--run-dir", str(run_dir),
         "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
