@@ -124,7 +124,7 @@ def test_a_config_saved_before_tie_head_loads_untied(tmp_path):
 
 def test_resuming_with_the_other_head_is_refused(tmp_path):
     """A checkpoint holds an untied head or none: resuming it tied (or the reverse) is one clear line."""
-    from mmssl.cli import check_same_head
+    from mmssl.launch import check_same_head
 
     cfg = get_preset("tiny_masked")
     cfg.objectives.masked_text.tie_head = False

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl import cli, ranks
+from mmssl import cli, launch, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +56,7 @@ def test_launch_commands_for_a_hostfile_and_for_slurm(monkeypatch, tmp_path):
         commands.append(command)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(cli.subprocess, "run", run)
+    monkeypatch.setattr(launch.subprocess, "run", run)
     monkeypatch.setattr(data, "check_shards", lambda cfg: None)  # no shards needed to build commands
     hostfile = tmp_path / "hosts"
     hostfile.write_text("gpu-a slots=8\ngpu-b slots=8\n")
