@@ -96,12 +96,15 @@ def resume_tag(resume: str, ckpt_dir: Path, world: int | None, cfg: RunConfig) -
 
 
 def check_same_head(cfg: RunConfig, saved: Path) -> None:
-    """A resumed run must build the parameters its checkpoint holds: a run saved untied (before
-    ``objectives.masked_text.tie_head`` existed, or with it false) cannot resume tied, nor the reverse."""
+    """A resumed run must build the parameters its checkpoint holds: a native text tower saved untied
+    (before ``objectives.masked_text.tie_head`` existed, or with it false) cannot resume tied, nor the
+    reverse. A Hugging Face tower's head is its model's, tied as the model is: there tie_head changes no
+    parameter (and a run saved before it had to agree with the model may say otherwise)."""
     if not saved.is_file():
         return
     before, now = load_json(saved).objectives.masked_text, cfg.objectives.masked_text
-    if before.enabled and now.enabled and before.tie_head != now.tie_head:
+    native = cfg.model.text is not None and cfg.model.text.kind == "native"
+    if native and before.enabled and now.enabled and before.tie_head != now.tie_head:
         raise ValueError(
             f"--resume: {saved} trained with objectives.masked_text.tie_head={str(before.tie_head).lower()}: "
             f"set it so (or resume with --config {saved})"

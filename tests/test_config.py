@@ -133,6 +133,8 @@ def test_resuming_with_the_other_head_is_refused(tmp_path):
     cfg.objectives.masked_text.tie_head = True
     with pytest.raises(ValueError, match="tie_head=false"):
         check_same_head(cfg, tmp_path / "config.json")
+    cfg.model.text.kind = "hf"  # its model's own head, tied as the model is: tie_head changes no parameter
+    check_same_head(cfg, tmp_path / "config.json")
 
 
 def test_objectives_configs_live_apart_and_are_re_exported():
