@@ -118,7 +118,7 @@ def process_started() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from mmssl import engine, memory
+    from mmssl import engine, memory, ranks
     from mmssl.task import Task
 
     clock = {"started": process_started(), "imported": time.time()}
@@ -168,7 +168,7 @@ def worker(args: argparse.Namespace) -> None:
     }
     Path(args.record).parent.mkdir(parents=True, exist_ok=True)
     Path(args.record).write_text(json.dumps(record, indent=2) + "\n")
-    engine.barrier()
+    ranks.barrier()
     # Leave without tearing down: interpreter and process-group shutdown with torch, DeepSpeed and gloo
     # loaded took 4-11 s per launch here, and nothing is left to write.
     sys.stdout.flush()

@@ -100,7 +100,7 @@ def all_reduce_seconds(numel: int, reps: int) -> dict[str, float]:
     ``numel`` fp32 values on 2 local ranks."""
     import torch.multiprocessing as mp
 
-    from mmssl.engine import free_port, remove_shm_buffers
+    from mmssl.ranks import free_port, remove_shm_buffers
 
     port = free_port()
     with mp.Manager() as manager:

@@ -49,7 +49,7 @@ def main() -> None:
     from tqdm import tqdm
 
     from data_pipelines.demo import build_spoken_digits
-    from mmssl import data, engine
+    from mmssl import data, engine, ranks
     from mmssl.config import apply_overrides
     from mmssl.flops import cpu_peak
     from mmssl.presets import get_preset
@@ -108,7 +108,7 @@ def main() -> None:
     (args.out / f"{name}.txt").write_text(text)
     print(text)
     print(f"written: {args.out / name}.txt, {args.out / name}.trace.json")
-    engine.shutdown()
+    ranks.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from mmssl.config import RunConfig, load_json
+from mmssl.ds_checkpoint import latest_tag
 from mmssl.model import MultimodalModel
 
 # the model's state dict plus "logit_scale.<pair>" (log scales) and "logit_bias.<pair>" (SigLIP pairs)
@@ -74,7 +75,7 @@ def task_state(path: str | Path) -> tuple[dict[str, Tensor], RunConfig, Path, st
 
     run_dir, ckpt_dir, tag = resolve(path)
     cfg = _config(run_dir)
-    tag = tag or engine.latest_tag(ckpt_dir)
+    tag = tag or latest_tag(ckpt_dir)
     return engine.consolidated_state_dict(ckpt_dir, tag), cfg, run_dir, f"{ckpt_dir / tag}"
 
 

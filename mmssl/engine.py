@@ -2,7 +2,9 @@
 
 The training loop talks to a small :class:`Engine` (call, backward, step, save, load) and never to
 DeepSpeed directly. The same code runs CPU/gloo here and CUDA/NCCL on GPU nodes: DeepSpeed picks its
-accelerator and backend by itself.
+accelerator and backend by itself. What needs no DeepSpeed lives beside it: the DeepSpeed config
+(``mmssl.ds_config``), the ranks' small collectives (``mmssl.ranks``) and reading a checkpoint folder
+(``mmssl.ds_checkpoint``).
 """
 
 from __future__ import annotations
@@ -13,25 +15,19 @@ import logging
 import math
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-# With no CUDA device DeepSpeed falls back to its CPU accelerator and warns "Setting accelerator to CPU"
-# in every process that imports it; naming the CPU accelerator up front is the same choice, said once.
-# A machine with CUDA (or a user's own DS_ACCELERATOR) is left to DeepSpeed's detection.
-# Its op builder then imports torch's extension builder, which warns once per rank that it found no
+from mmssl.ds_config import name_cpu_accelerator
+
+name_cpu_accelerator(os.environ)
+# DeepSpeed's op builder imports torch's extension builder, which warns once per rank that it found no
 # CUDA runtime: true and expected on a CPU machine, so that one message is dropped there.
 if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
     logging.getLogger("torch.utils.cpp_extension").addFilter(
         lambda record: not record.getMessage().startswith("No CUDA runtime is found")
     )
@@ -43,28 +39,13 @@ from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 from torch import Tensor, nn  # noqa: E402
 
 from mmssl.config import RunConfig  # noqa: E402
+from mmssl.ds_checkpoint import TEACHER_KEY, hold_for_fault_drill, latest_tag  # noqa: E402
+from mmssl.ds_config import cap_buckets, resolve_ds_config  # noqa: E402
+from mmssl.ranks import DistInfo, barrier, free_port  # noqa: E402
 
 ds_logger.setLevel(logging.WARNING)
 # DeepSpeed's ZeRO still calls a torch collective that torch has renamed; the warning is not ours to fix
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    rank: int
-    world_size: int
-    local_rank: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed() -> DistInfo:
@@ -91,112 +72,6 @@ def shm_all_reduce() -> Callable[[Tensor], object] | None:
     import deepspeed.comm as ds_comm
 
     return lambda t: ds_comm.inference_all_reduce(t, op=dist.ReduceOp.SUM)
-
-
-def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
-    """Read the DeepSpeed JSON and fill its ``"auto"`` values from the run config. The batch identity
-    train_batch = micro x accumulation x world_size is checked here, once."""
-    path = Path(cfg.engine.ds_config)
-    if not path.is_file():
-        raise ValueError(f"engine.ds_config: no DeepSpeed config at {path}")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"engine.ds_config: {path} is not valid JSON ({e})") from e
-    micro, accum = cfg.optim.micro_batch_size, cfg.optim.grad_accum_steps
-    ours = {
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "train_batch_size": micro * accum * world_size,
-    }
-    for key, value in ours.items():
-        given = ds.get(key, "auto")
-        if given == "auto":
-            ds[key] = value
-        elif given != value:
-            raise ValueError(
-                f"{path}: {key}={given} disagrees with the run config (micro_batch_size={micro} x "
-                f'grad_accum_steps={accum} x world_size={world_size} gives {key}={value}); set it to "auto"'
-            )
-    zero = ds.setdefault("zero_optimization", {})
-    if cfg.engine.zero_stage is not None:
-        zero["stage"] = cfg.engine.zero_stage
-    stage = zero.get("stage", 0)
-    if cfg.engine.offload_optimizer:
-        if stage < 1:
-            raise ValueError("engine.offload_optimizer needs ZeRO stage 1, 2 or 3 (engine.zero_stage)")
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-        # on CPU the optimizer already runs where its state lives: torch's AdamW serves
-        ds["zero_force_ds_cpu_optimizer"] = torch.cuda.is_available()
-    if cfg.engine.offload_params:
-        if stage != 3:
-            raise ValueError(
-                f"engine.offload_params needs ZeRO stage 3, the DeepSpeed config gives stage {stage}"
-            )
-        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    check_cpu_gradient_reduce(zero, stage, world_size, path)
-    if cfg.engine.load_universal:
-        ds["checkpoint"] = {**ds.get("checkpoint", {}), "load_universal": True}
-    if stage == 3 and not torch.cuda.is_available():
-        # ZeRO-3 gathers several parameters outside forward (the persistent ones at the end of every
-        # optimizer step, GatheredParameters) as one async all-gather each, waits only on the last, and
-        # then synchronises the device, which on CPU is a no-op. Gloo runs async collectives on worker
-        # threads, so an earlier gather may still be writing when step() returns: it then lands after
-        # apply_bounds and the next forward sees the unclamped temperature (or a half-written weight).
-        # Sequential gathers complete before DeepSpeed returns; on CUDA the device sync covers them.
-        zero["stage3_allgather_sequential"] = True
-    if stage == 3 and cfg.engine.compile:
-        raise ValueError("engine.compile is not supported with ZeRO-3 (the DeepSpeed config gives stage 3)")
-    if stage == 3 and cfg.objectives.any_unmasked_pass():
-        raise ValueError(
-            "ZeRO-3 runs each tower once per step: set objectives.unmasked_contrastive_pass=false"
-        )
-    if stage == 3 and cfg.objectives.views.enabled():
-        raise ValueError(
-            "ZeRO-3 runs each tower once per step and view objectives need a second pass: turn off "
-            + ", ".join(f"objectives.views.{m}" for m in cfg.objectives.views.enabled())
-        )
-    precision = cfg.engine.precision
-    bf16 = ds.setdefault("bf16", {})
-    if precision != "auto":
-        bf16["enabled"] = precision == "bf16"
-    elif bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = torch.cuda.is_available()  # no hardware bf16 on CPU here: ~100x slower matmuls
-    return ds
-
-
-def check_cpu_gradient_reduce(zero: dict[str, Any], stage: int, world_size: int, path: Path) -> None:
-    """ZeRO-1/2 on the CPU accelerator needs contiguous_gradients: without the contiguous buffer,
-    DeepSpeed (0.19.7, stage_1_and_2.py ``buffered_reduce_fallback``) sorts the gradients into buckets
-    with ``split_half_float_double``, which matches ``t.type()`` against "torch.cpu.FloatTensor" and
-    the like; a CPU tensor's type is "torch.FloatTensor", so every bucket is empty, nothing is
-    all-reduced, and each rank steps its partition on its own gradient. An optimizer offload forces
-    the buffer on, and one rank has nothing to reduce."""
-    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
-    if (
-        stage in (1, 2) and world_size > 1 and not torch.cuda.is_available() and not offloaded
-        and zero.get("contiguous_gradients", True) is False
-    ):  # fmt: skip
-        raise ValueError(
-            f"{path}: zero_optimization.contiguous_gradients=false on CPU makes DeepSpeed {deepspeed.__version__} "
-            f"skip the gradient all-reduce of ZeRO-{stage} (every rank trains on its own gradient): set it to true"
-        )
-
-
-_BUCKETS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size")
-
-
-def cap_buckets(ds: dict[str, Any], task: nn.Module) -> dict[str, Any]:
-    """ZeRO's communication buckets hold at most the whole model: a bucket sized for more (ZeRO-3
-    allocates its reduce bucket in full) only costs memory. Numeric sizes are capped at the number of
-    parameters, rounded up to a multiple of 1024; the run directory's ds_config.json shows the result."""
-    total = sum(p.numel() for p in task.parameters())
-    total = -(-total // 1024) * 1024  # ZeRO wants bucket sizes aligned (a multiple of its alignment)
-    zero = ds.get("zero_optimization", {})
-    for key in _BUCKETS:
-        if isinstance(zero.get(key), int | float) and zero[key] > total:
-            zero[key] = total
-    return ds
 
 
 def param_groups(task: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -527,146 +402,11 @@ class Engine:
         return client_state
 
 
-HOLD_SAVE_ENV = "MMSSL_FAULT_HOLD_SAVE_AT"
-TEACHER_KEY = "distill_teacher"  # the EMA teacher's state in a checkpoint's client state
-
-
-def saved_teacher(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
-    """The EMA teacher's weights ``{"<modality>.<name>": tensor}`` (fp32, whole) saved in a checkpoint,
-    read from rank 0's model-states file (every rank saves the same teacher)."""
-    tag = tag or latest_tag(ckpt_dir)
-    folder = Path(ckpt_dir) / tag
-    files = sorted(folder.glob("*mp_rank_00_model_states.pt"))
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no DeepSpeed model states file")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
-    if TEACHER_KEY not in state:
-        raise ValueError(f"{folder} holds no EMA teacher: the run was trained without objectives.distill")
-    return state[TEACHER_KEY]["towers"]
-
-
-def hold_for_fault_drill(folder: Path, step: int, rank: int) -> None:
-    """A fault drill for the tests: with ``MMSSL_FAULT_HOLD_SAVE_AT=<step>`` in the environment, the save
-    of that step stops after this rank wrote its part, before ``latest`` moves: it marks
-    ``<folder>/held_rank<r>`` and waits (up to ten minutes) to be killed, so a kill is sure to land
-    inside a save."""
-    if os.environ.get(HOLD_SAVE_ENV) != str(step):
-        return
-    (folder / f"held_rank{rank}").touch()
-    time.sleep(600)
-    raise RuntimeError(f"{HOLD_SAVE_ENV}={step}: the fault drill held the save for ten minutes, unkilled")
-
-
-def latest_tag(ckpt_dir: str | Path) -> str:
-    latest = Path(ckpt_dir) / "latest"
-    if not latest.is_file():
-        raise FileNotFoundError(f"{ckpt_dir} has no 'latest' checkpoint pointer")
-    return latest.read_text().strip()
-
-
-def saved_world_size(ckpt_dir: str | Path, tag: str) -> int | None:
-    """The number of ranks that wrote a checkpoint (None for one written elsewhere)."""
-    layout = Path(ckpt_dir) / tag / "mmssl.json"
-    return json.loads(layout.read_text())["world_size"] if layout.is_file() else None
-
-
-def to_universal(ckpt_dir: str | Path, tag: str) -> str:
-    """Convert a checkpoint to DeepSpeed's universal format (loadable by any number of ranks); returns
-    the new tag. Converted once; the original stays."""
-    out_tag = f"{tag}_universal"
-    out = Path(ckpt_dir) / out_tag
-    if not (out / "zero").is_dir():
-        command = [
-            sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder", str(Path(ckpt_dir) / tag), "--output_folder", str(out),
-            "--num_extract_workers", "1", "--num_merge_workers", "1",
-            # mmssl's checkpoints carry no Megatron-style universal_checkpoint_info: add the default one
-            "--inject_missing_state",
-        ]  # fmt: skip
-        proc = subprocess.run(command, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"converting {ckpt_dir}/{tag} to a universal checkpoint failed:\n{proc.stderr[-2000:]}"
-            )
-    rename_legacy_params(out / "zero")
-    return out_tag
-
-
-def rename_legacy_params(zero_dir: Path) -> None:
-    """A universal checkpoint holds one folder per parameter, named as the parameter was when it was
-    saved, and DeepSpeed looks each one up by today's name: rename the folders of parameters renamed
-    since (the masked patch objectives' decoder, now a shared ``PatchDecoder``; their module state-dict
-    keys are renamed on load by a pre-hook with the same mapping)."""
-    from mmssl.objectives.masked_patches import legacy_decoder_key
-
-    for folder in sorted(zero_dir.iterdir()):
-        objective, dot, key = folder.name.partition(".")
-        if objective in ("masked_image", "masked_audio") and dot:
-            new = f"{objective}.{legacy_decoder_key(key)}"
-            if new != folder.name:
-                folder.rename(zero_dir / new)
-
-
 def consolidated_state_dict(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, Tensor]:
     """fp32 weights of the whole task from a checkpoint of any ZeRO stage, in one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag or latest_tag(ckpt_dir))
-
-
-def all_reduce_mean(values: dict[str, Tensor]) -> dict[str, float]:
-    """Average scalars over ranks and bring them to the host (one sync; call on logging steps only)."""
-    names = list(values)
-    stacked = torch.stack([values[n].detach().float() for n in names])
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(stacked)
-        stacked /= dist.get_world_size()
-    return dict(zip(names, stacked.tolist(), strict=True))
-
-
-def all_reduce_sum(counts: dict[str, int]) -> dict[str, int]:
-    """Sum integer counters over ranks (every rank must pass the same keys)."""
-    names = sorted(counts)
-    if not names or not (dist.is_initialized() and dist.get_world_size() > 1):
-        return dict(counts)
-    total = torch.tensor([counts[n] for n in names], dtype=torch.float64)
-    dist.all_reduce(total)
-    return {n: int(v) for n, v in zip(names, total.tolist(), strict=True)}
-
-
-def all_gather_object(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` (small, picklable), in rank order."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def remove_shm_buffers(port: int) -> None:
-    """DeepSpeed's CPU shared-memory all-reduce leaves a 66 MiB buffer per local rank in /dev/shm (named
-    after the rendezvous port) that 0.19.7 never removes; remove this job's once its ranks are gone."""
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        path.unlink(missing_ok=True)
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` (small, picklable) on every rank."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def deepspeed_state_estimates(params: int, largest_layer: int, world_size: int) -> dict[str, int]:

@@ -159,13 +159,13 @@ def copy_hf_files(cfg: RunConfig, dest: Path) -> RunConfig:
 def teacher_towers(path: str | Path) -> dict[str, Tensor]:
     """The EMA teacher's towers (``objectives.distill``) saved in a run's checkpoint, keyed as the model's
     state dict (``image.*``, ...)."""
-    from mmssl import engine  # imports DeepSpeed: only when a DeepSpeed checkpoint is read
     from mmssl.checkpoint import is_export, resolve
+    from mmssl.ds_checkpoint import saved_teacher
 
     if is_export(path):
         raise ValueError(f"--teacher: {path} is an export folder; the teacher lives in a run's checkpoints")
     _, ckpt_dir, tag = resolve(path)
-    return engine.saved_teacher(ckpt_dir, tag)
+    return saved_teacher(ckpt_dir, tag)
 
 
 def export(path: str | Path, out_dir: str | Path, *, teacher: bool = False) -> dict[str, Any]:

@@ -152,8 +152,8 @@ class MaskedTextConfig:
     random_prob: float = 0.1
     # the native tower's head predicts with the token embedding as its output layer (BERT's tying: V x D
     # fewer parameters; the head keeps its own output bias). A Hugging Face tower's head is its model's
-    # own, tied as that model is. A run saved before this setting existed loads with false (SAVED_BEFORE
-    # in mmssl/config.py)
+    # own, tied as that model is: set this to say the same (checked). A run saved before this setting
+    # existed loads with false (SAVED_BEFORE in mmssl/config.py)
     tie_head: bool = True
 
     def validate(self, path: str) -> None:

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from data_pipelines import BAD_KINDS, combine_states
 from data_pipelines.remote import mask
-from mmssl import accumulate, data, engine, flops
+from mmssl import accumulate, data, engine, flops, ranks
 from mmssl.config import RunConfig, save_json
 from mmssl.eval import report
 from mmssl.eval.run import run_eval
@@ -76,7 +76,7 @@ class KeyLog:
 
 def bad_data_totals(loader: Any) -> dict[str, int]:
     """Bad samples skipped so far, summed over ranks, by kind (non-zero kinds only)."""
-    totals = engine.all_reduce_sum({k: loader.bad_data.counts.get(k, 0) for k in BAD_KINDS})
+    totals = ranks.all_reduce_sum({k: loader.bad_data.counts.get(k, 0) for k in BAD_KINDS})
     return {k: v for k, v in totals.items() if v}
 
 
@@ -270,7 +270,7 @@ class Trainer:
         scalars["data_wait_seconds"] = torch.tensor(self.data_wait, device=device)
         scalars.update({k: torch.tensor(v, device=device) for k, v in self.work.take().items()})
         bad = {f"bad_{k}": v for k, v in bad_data_totals(self.loader).items()}
-        logged = {**engine.all_reduce_mean(scalars), "lr": self.eng.lr, "skipped_steps": self.skipped, **bad}
+        logged = {**ranks.all_reduce_mean(scalars), "lr": self.eng.lr, "skipped_steps": self.skipped, **bad}
         self.last = self.log.log(self.step, logged)
         self.data_wait = 0.0
         self.first_loss = self.last["loss"] if self.first_loss is None else self.first_loss
@@ -285,7 +285,7 @@ class Trainer:
     def checkpoint(self) -> None:
         # every rank's loader position, taken between steps: what the trainer consumed, not what the
         # loader workers prefetched
-        positions = combine_states(engine.all_gather_object(self.loader.state_dict()))
+        positions = combine_states(ranks.all_gather_object(self.loader.state_dict()))
         state = {"step": self.step, "data": positions}
         tag = self.eng.save(self.ckpt_dir, self.step, state, keep_last=self.cfg.train.keep_last)
         self.log.write(f"step {self.step}: checkpoint {self.ckpt_dir / tag}")
@@ -322,7 +322,7 @@ class Trainer:
             print(format_summary(summary, self.run_dir), flush=True)
             if "eval_error" in summary:
                 print(eval_failure_line(summary["eval_error"], cfg), file=sys.stderr, flush=True)
-        engine.shutdown()
+        ranks.shutdown()
         if error is not None and not isinstance(error, USER_ERRORS):
             raise error  # not the data's fault: a bug, with its traceback, once the summary is safe
         return summary
@@ -334,7 +334,7 @@ USER_ERRORS = (ValueError, FileNotFoundError)
 
 
 def evaluate_at_end(
-    task: Task, eng: engine.Engine, cfg: RunConfig, info: engine.DistInfo, *, progress: bool
+    task: Task, eng: engine.Engine, cfg: RunConfig, info: ranks.DistInfo, *, progress: bool
 ) -> tuple[dict | None, Exception | None, str | None]:
     """The evaluation after training: (rank 0's results, rank 0's exception, its cause in one line on
     every rank). A failure does not end the run: rank 0 catches it, and every rank learns the outcome
@@ -349,7 +349,7 @@ def evaluate_at_end(
 
 
 def on_main_rank(
-    evaluate: Callable[[], dict], info: engine.DistInfo
+    evaluate: Callable[[], dict], info: ranks.DistInfo
 ) -> tuple[dict | None, Exception | None, str | None]:
     """``evaluate()`` on rank 0, caught: (its results, its exception, the cause in one line on every
     rank, by a broadcast)."""
@@ -362,7 +362,7 @@ def on_main_rank(
     cause = None if error is None else " ".join(str(error).split()) or type(error).__name__
     if error is not None and not isinstance(error, USER_ERRORS):
         cause = f"{type(error).__name__}: {cause}"
-    return results, error, engine.broadcast_object(cause)
+    return results, error, ranks.broadcast_object(cause)
 
 
 def eval_failure_line(cause: str, cfg: RunConfig) -> str:

@@ -16,7 +16,6 @@ import contextlib
 import io
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -24,13 +23,9 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
+from mmssl.ranks import free_port
+
 TIMEOUT_S = 600  # one test's work on a loaded 2-core machine, with margin
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _serve(rank: int, world: int, port: int, tasks: Any, results: Any) -> None:
@@ -64,14 +59,14 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
     environment; one thread per rank on the CPU), minus the process start-up and imports a launched run
     pays. The process group is the pool's and outlives the command: mmssl's shutdown at its end is
     skipped. Returns what the command printed; a command that exits non-zero raises with it."""
-    from mmssl import cli, engine
+    from mmssl import cli, ranks
 
     env = launcher_env(rank, world)
     saved = {k: os.environ.get(k) for k in env}
-    threads, shutdown = torch.get_num_threads(), engine.shutdown
+    threads, shutdown = torch.get_num_threads(), ranks.shutdown
     os.environ.update(env)
     torch.set_num_threads(1)
-    engine.shutdown = lambda: None
+    ranks.shutdown = lambda: None
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
@@ -80,7 +75,7 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
             except SystemExit as e:
                 code = e.code
     finally:
-        engine.shutdown = shutdown
+        ranks.shutdown = shutdown
         torch.set_num_threads(threads)
         for k, v in saved.items():
             if v is None:
@@ -94,13 +89,28 @@ def mmssl_rank(rank: int, world: int, argv: list[str]) -> str:
     return printed.getvalue()
 
 
+def _collect(rank: int, fn: Callable[..., Any], args: tuple, out: Any) -> None:
+    out[rank] = fn(rank, *args)
+
+
+def spawned(fn: Callable[..., Any], *args: Any, nprocs: int = 1) -> list[Any]:
+    """``fn(rank, *args)`` in ``nprocs`` fresh processes (``torch.multiprocessing.spawn``), for a test
+    whose ranks must not be the pool's (a process group or a device of their own, joined and left by
+    ``fn``); each rank's result, in rank order. ``fn`` must be importable (a module-level function) and
+    its result picklable; a rank that raises fails the test with its traceback."""
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_collect, args=(fn, args, out), nprocs=nprocs, join=True)
+        return [out[rank] for rank in range(nprocs)]
+
+
 class GlooPool:
     def __init__(self, world: int):
         ctx = mp.get_context("spawn")
         self.world = world
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
-        self.port = port = _free_port()
+        self.port = port = free_port()
         self.procs = [
             ctx.Process(target=_serve, args=(r, world, port, self.tasks[r], self.results), daemon=True)
             for r in range(world)
@@ -147,6 +157,6 @@ class GlooPool:
             if p.is_alive():
                 p.kill()
                 p.join()
-        from mmssl.engine import remove_shm_buffers
+        from mmssl.ranks import remove_shm_buffers
 
         remove_shm_buffers(self.port)  # DeepSpeed's shared-memory all-reduce buffers, named after the port

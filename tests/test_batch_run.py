@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl import cli, runlog, train
+from mmssl import launch, runlog, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,7 +36,7 @@ def test_batch_run_logs_plain_lines_and_a_failed_final_eval_keeps_the_run(tmp_pa
     ]  # fmt: skip
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     out, err = proc.stdout, proc.stderr
-    assert proc.returncode == cli.EVAL_FAILED, out[-3000:] + err[-3000:]
+    assert proc.returncode == launch.EVAL_FAILED, out[-3000:] + err[-3000:]
 
     # the log of a batch job: one plain line per logged step, the summary, and nothing redrawn
     assert "\r" not in out + err
@@ -124,12 +124,12 @@ def test_durations():
 
 def test_eval_exit_code_reads_only_this_runs_summary(tmp_path):
     path = tmp_path / "summary.json"
-    assert cli.eval_exit_code(path, since=time.time()) == 0  # no summary (another node)
+    assert launch.eval_exit_code(path, since=time.time()) == 0  # no summary (another node)
     path.write_text(json.dumps({"steps": 3, "eval_error": "x"}))
-    assert cli.eval_exit_code(path, since=time.time() - 5) == cli.EVAL_FAILED
-    assert cli.eval_exit_code(path, since=time.time() + 60) == 0  # an earlier run's summary
+    assert launch.eval_exit_code(path, since=time.time() - 5) == launch.EVAL_FAILED
+    assert launch.eval_exit_code(path, since=time.time() + 60) == 0  # an earlier run's summary
     path.write_text(json.dumps({"steps": 3}))
-    assert cli.eval_exit_code(path, since=time.time() - 5) == 0
+    assert launch.eval_exit_code(path, since=time.time() - 5) == 0
 
 
 def test_eval_failure_line_quotes_the_retry_command():

@@ -14,7 +14,7 @@
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from gloo_pool import spawned
 
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID
 
@@ -40,14 +40,15 @@ def _batch(cfg, seed: int, device: str = "cpu") -> dict:
     return to_device(batch, torch.device(device), torch.float32)
 
 
-def _trajectory_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+def _trajectory_worker(_: int) -> dict:
+    from mmssl import engine, ranks
     from mmssl.config import apply_overrides
     from mmssl.presets import get_preset
     from mmssl.task import Task
     from mmssl.train import to_device, train_step
 
     info = engine.init_distributed()
+    out = {}
     for precision in ("fp32", "bf16"):
         cfg = apply_overrides(get_preset("tiny"), [f"engine.precision={precision}", "optim.warmup_steps=5"])
         torch.manual_seed(0)
@@ -57,14 +58,12 @@ def _trajectory_worker(_: int, out: dict) -> None:
             batch = to_device(_batch(cfg, step % 4), info.device, eng.dtype)
             losses.append(float(train_step(eng, batch, step=step, micro=0)["loss"]))
         out[precision] = {"losses": losses, "dtype": str(eng.dtype)}
-    engine.shutdown()
+    ranks.shutdown()
+    return out
 
 
 def test_bf16_follows_the_fp32_loss_trajectory():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_trajectory_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+    (out,) = spawned(_trajectory_worker)
     assert out["bf16"]["dtype"] == "torch.bfloat16" and out["fp32"]["dtype"] == "torch.float32"
     fp32, bf16 = out["fp32"]["losses"], out["bf16"]["losses"]
     assert fp32[-1] < 0.8 * fp32[0] and bf16[-1] < 0.8 * bf16[0], (fp32, bf16)  # both learn
@@ -148,21 +147,18 @@ def test_loader_batches_are_pinned_and_reach_the_gpu_intact(demo_shards):
         )
 
 
-def _nccl_worker(_: int, out: dict) -> None:
+def _nccl_worker(_: int) -> dict:
     import torch.distributed as dist
 
-    from mmssl import engine
+    from mmssl import engine, ranks
 
     info = engine.init_distributed()
     x = torch.full((4,), 3.0, device=info.device)
     dist.all_reduce(x)
-    out.update(backend=dist.get_backend(), device=str(info.device), world=info.world_size, sum=x.tolist())
-    engine.shutdown()
+    out = dict(backend=dist.get_backend(), device=str(info.device), world=info.world_size, sum=x.tolist())
+    ranks.shutdown()
+    return out
 
 
 def test_one_rank_init_joins_an_nccl_group_on_the_gpu():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_nccl_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
-    assert out == {"backend": "nccl", "device": "cuda:0", "world": 1, "sum": [3.0] * 4}
+    assert spawned(_nccl_worker) == [{"backend": "nccl", "device": "cuda:0", "world": 1, "sum": [3.0] * 4}]

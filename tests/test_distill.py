@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from batches import padded_batch
-from gloo_pool import engine_rank
+from gloo_pool import engine_rank, spawned
 
 from mmssl.config import DistillConfig, apply_overrides
 from mmssl.objectives.distill import collapse, instance_norm, momentum_at
@@ -97,11 +96,13 @@ def _engine_run(eng, cfg, batches, start: int) -> list[float]:
     return losses
 
 
-def _resume_worker(_: int, run_dir: str, out: dict) -> None:
-    from mmssl import engine
+def _resume_worker(_: int, run_dir: str) -> dict:
+    from mmssl import engine, ranks
+    from mmssl.ds_checkpoint import saved_teacher
 
     cfg = distill_only(f"engine.ds_config={REPO / 'ds_config.json'}", "optim.warmup_steps=0")
     info = engine.init_distributed()
+    out = {}
     torch.manual_seed(1)
     batches = [padded_batch(cfg, 4, eot=6, vocab=4000) for _ in range(4)]
 
@@ -122,18 +123,16 @@ def _resume_worker(_: int, run_dir: str, out: dict) -> None:
         torch.equal(a, b)
         for a, b in zip(whole.teacher.parameters(), resumed.teacher.parameters(), strict=True)
     )
-    out["saved"] = sorted(engine.saved_teacher(run_dir))[:2]
-    engine.shutdown()
+    out["saved"] = sorted(saved_teacher(run_dir))[:2]
+    ranks.shutdown()
+    return out
 
 
 def test_engine_updates_the_teacher_after_each_step_and_a_resumed_engine_continues_it_exactly(tmp_path):
     """Through the engine (one rank, ZeRO as ds_config.json says): after every optimizer step the teacher
     is the EMA of the stepped student; saved at step 2 and loaded into a fresh engine, the next two
     steps give the same losses and the same teacher as the uninterrupted engine."""
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_resume_worker, args=(str(tmp_path / "ckpt"), out), nprocs=1, join=True)
-        out = dict(out)
+    (out,) = spawned(_resume_worker, str(tmp_path / "ckpt"))
     assert out["resumed"] == out["whole"], out
     assert out["updates"] == (4, 4) and out["teacher_equal"]
     assert out["saved"] and all(k.split(".")[0] in ("image", "text", "audio") for k in out["saved"])
@@ -262,7 +261,7 @@ def test_collapse_guard_stops_a_run_and_export_teacher_writes_the_teachers_tower
     step 2 with the guard's line; its step-1 checkpoint exports with --teacher to the teacher's towers."""
     from safetensors.torch import load_file
 
-    from mmssl.engine import saved_teacher
+    from mmssl.ds_checkpoint import saved_teacher
 
     run_dir = tmp_path / "collapse"
     train = subprocess.run(

@@ -67,7 +67,7 @@ def test_two_rank_train_every_objective_checkpoint_resume_eval(demo_shards, tmp_
     assert [r["step"] for r in rows][-2:] == [45, 50]  # continued from step 40, not from 0
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000050"
 
-    # on 2 ranks too, started as train's are (mmssl.cli.launch_ranks)
+    # on 2 ranks too, started as train's are (mmssl.launch.launch_ranks)
     evaluated = mmssl("eval", str(run_dir), "--nproc", "2", "--out", str(tmp_path / "eval"), cwd=REPO)
     results = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert results["rule"] == "label" and len(results["pairs"]) == 6

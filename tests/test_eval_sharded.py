@@ -10,14 +10,14 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_pool import spawned
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl.engine import free_port
 from mmssl.eval.embeddings import embed_split
 from mmssl.eval.run import EvalPlan, run_eval
 from mmssl.model import MultimodalModel
 from mmssl.presets import tiny
+from mmssl.ranks import free_port
 
 pytestmark = pytest.mark.distributed
 CLASSES = [f"class {i}" for i in range(10)]
@@ -43,12 +43,13 @@ def evaluate(shards: dict, out_dir, rank: int = 0, world_size: int = 1):
     return results, embeddings
 
 
-def _rank(rank: int, world: int, port: int, shards: dict, out_dir, out: dict) -> None:
+def _rank(rank: int, world: int, port: int, shards: dict, out_dir) -> tuple:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    out[rank] = evaluate(shards, out_dir / f"rank{rank}", rank, world)
+    result = evaluate(shards, out_dir / f"rank{rank}", rank, world)
     dist.destroy_process_group()
+    return result
 
 
 def test_two_rank_eval_equals_one_process(tmp_path):
@@ -59,10 +60,7 @@ def test_two_rank_eval_equals_one_process(tmp_path):
     shards = {"test": test["pattern"], "train": train["pattern"]}
     assert list(test["shards"].values()) == [10, 10, 5]
 
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(2, free_port(), shards, tmp_path, out), nprocs=2, join=True)
-        sharded = dict(out)
+    sharded = spawned(_rank, 2, free_port(), shards, tmp_path, nprocs=2)
     single, single_emb = evaluate(shards, tmp_path / "single")
 
     for rank in (0, 1):

@@ -81,7 +81,7 @@ def test_kill_during_checkpoint_save_resumes_from_a_complete_checkpoint(gloo, de
     3 open after every rank wrote its part of it and before ``latest`` moves; once both ranks say so,
     the whole job is killed with SIGKILL. `latest` must still name a complete checkpoint (step 2), and
     resuming from it on 2 ranks must work."""
-    from mmssl.engine import HOLD_SAVE_ENV
+    from mmssl.ds_checkpoint import HOLD_SAVE_ENV
 
     run_dir = tmp_path / "kill"
     common = [

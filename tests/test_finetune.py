@@ -16,9 +16,9 @@ import time
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from batches import padded_batch
+from gloo_pool import spawned
 from run_fixture import REPO, tiny_run
 from sklearn import metrics as skm
 from test_resume import consumed, losses, rank_pid
@@ -207,11 +207,12 @@ def test_classes_come_from_the_labels_or_classes_json(tmp_path):
         resolve_classes(cfg)
 
 
-def _linear_worker(_: int, out: dict) -> None:
-    from mmssl import engine
+def _linear_worker(_: int) -> dict:
+    from mmssl import engine, ranks
     from mmssl.train import train_step
 
     info = engine.init_distributed()
+    out = {}
     for stage in (2, 3):
         cfg = finetune_cfg(f"engine.zero_stage={stage}", "finetune.linear=true", "optim.lr=1e-2",
                            "optim.warmup_steps=0")  # fmt: skip
@@ -231,14 +232,12 @@ def _linear_worker(_: int, out: dict) -> None:
             "head_changed": not torch.equal(before["head.linear.weight"], after["head.linear.weight"]),
             "state_numel": sum(s["exp_avg"].numel() for s in eng.optimizer.optimizer.state.values()),
         }
-    engine.shutdown()
+    ranks.shutdown()
+    return out
 
 
 def test_linear_finetune_leaves_every_tower_weight_bit_identical():
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_linear_worker, args=(out,), nprocs=1, join=True)
-        out = dict(out)
+    (out,) = spawned(_linear_worker)
     head = 3 * 64 + 3  # the only optimizer state: the head's (ZeRO pads it to its alignment)
     for stage in (2, 3):
         r = out[stage]

@@ -324,7 +324,7 @@ def test_old_mae_decoder_checkpoints_load_into_the_shared_decoder(modality, tmp_
     """The masked patch objectives and distillation share one PatchDecoder; a state dict saved before,
     with the MAE decoder's old keys, loads strictly into it (a pre-hook renames them) and predicts as
     the module it came from; a universal checkpoint's per-parameter folders are renamed alike."""
-    from mmssl.engine import rename_legacy_params
+    from mmssl.ds_checkpoint import rename_legacy_params
 
     torch.manual_seed(0)
     tower, saved = patch_objective(modality)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from data_pipelines import synthetic_samples, write_shards
-from mmssl import cli, engine
+from mmssl import cli, launch, ranks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.distributed
 def test_two_nodes_one_rank_each_train_as_one_world(tmp_path):
     train = write_shards(synthetic_samples(64, seed=1, image_size=32), tmp_path / "train", max_count=16)
-    run_dir, port = tmp_path / "run", engine.free_port()
+    run_dir, port = tmp_path / "run", ranks.free_port()
     common = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", "tiny", "--run-dir", str(run_dir),
         "--nproc", "1", "--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port),
@@ -56,7 +56,7 @@ def test_launch_commands_for_a_hostfile_and_for_slurm(monkeypatch, tmp_path):
         commands.append(command)
         return subprocess.CompletedProcess(command, 0)
 
-    monkeypatch.setattr(cli.subprocess, "run", run)
+    monkeypatch.setattr(launch.subprocess, "run", run)
     monkeypatch.setattr(data, "check_shards", lambda cfg: None)  # no shards needed to build commands
     hostfile = tmp_path / "hosts"
     hostfile.write_text("gpu-a slots=8\ngpu-b slots=8\n")

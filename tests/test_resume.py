@@ -171,7 +171,7 @@ def check_exact(*, reference: Path, faulty: Path, killed: bool, resumed_from: in
     assert sorted(got) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert got[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), (step, resumed_from)
-    from mmssl.engine import saved_teacher
+    from mmssl.ds_checkpoint import saved_teacher
 
     ours, theirs = (saved_teacher(r / "checkpoints") for r in (faulty, reference))
     assert sorted(ours) == sorted(theirs) and any(k.startswith("image.") for k in ours)

@@ -49,9 +49,10 @@ WORDS = [
 ]
 
 
-def write_bert(path: Path, *, masked_lm: bool = True) -> Path:
+def write_bert(path: Path, *, masked_lm: bool = True, tie: bool = True) -> Path:
     """A tiny random BERT (or, without ``masked_lm``, a GPT-2: no masked-LM model in transformers) with a
-    word-level BERT tokenizer, saved as a local model directory."""
+    word-level BERT tokenizer, saved as a local model directory; ``tie``: its masked-LM head's output
+    weight is the word embedding."""
     path.mkdir(parents=True, exist_ok=True)
     (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     transformers.BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
@@ -60,7 +61,7 @@ def write_bert(path: Path, *, masked_lm: bool = True) -> Path:
         config = transformers.BertConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0, tie_word_embeddings=tie,
         )  # fmt: skip
         transformers.BertForMaskedLM(config).save_pretrained(path)
     else:
@@ -236,6 +237,14 @@ def test_setting_mistakes_are_one_line_before_any_rank(bert, tmp_path, capsys):
     assert "has no masked-LM head" in error(
         "--preset", "tiny_hf", f"model.text.hf_path={gpt2}", "objectives.masked_text.enabled=true"
     )
+    masked = ("--preset", "tiny_hf", "objectives.masked_text.enabled=true")
+    assert (
+        "is tied to its word embeddings (tie_word_embeddings in its config.json): set tie_head=true"
+        in error(*masked, f"model.text.hf_path={bert}", "objectives.masked_text.tie_head=false")
+    )
+    untied = write_bert(tmp_path / "untied", tie=False)
+    capsys.readouterr()
+    assert "is not tied to its word embeddings" in error(*masked, f"model.text.hf_path={untied}")
     assert "engine.compile compiles mmssl's native towers only" in error(
         "--preset", "tiny_timm", "engine.compile=true"
     )

@@ -56,7 +56,8 @@ def check_towers(cfg: RunConfig) -> dict[str, Any]:
         masked = cfg.objectives.masked(name)
         if masked.enabled:
             if name == "text":
-                tower.masked_lm_head()  # raises when the model has none
+                # raises when the model has none, or ties it otherwise than tie_head says
+                tower.masked_lm_head(tie=masked.tie_head)
             elif not tower.token_based:
                 raise ValueError(
                     f"objectives.masked_{name}: MAE needs a token-based tower; model.{name}.timm_name="

@@ -126,13 +126,23 @@ class HFTextTower(nn.Module):
     def forward(self, text: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(text), text)
 
-    def masked_lm_head(self, *, tie: bool = True) -> nn.Module:
-        """The model's own masked-LM head, ``[..., D] -> [..., V]``, with the weights it was loaded with,
-        tied to the word embeddings as the model's config says (``tie`` is the native tower's choice)."""
-        if self._head[0] is None or self.vocab.mask is None:
-            what = "masked-LM head" if self._head[0] is None else "[MASK] token"
+    def masked_lm_head(self, *, tie: bool | None = None) -> nn.Module:
+        """The model's own masked-LM head, ``[..., D] -> [..., V]``, with the weights it was loaded with:
+        tied to the word embeddings or not as the model was built (``tie_word_embeddings`` in its
+        config.json), which this tower keeps. ``tie`` (``objectives.masked_text.tie_head``), when given,
+        must say the same."""
+        head = self._head[0]
+        if head is None or self.vocab.mask is None:
+            what = "masked-LM head" if head is None else "[MASK] token"
             raise ValueError(
                 f"objectives.masked_text: model.text.hf_path={self.cfg.hf_path} has no {what} mmssl can "
                 "use: set objectives.masked_text.enabled=false"
             )
-        return self._head[0]
+        tied = any(p is self.encoder.get_input_embeddings().weight for p in head.parameters())
+        if tie is not None and tie != tied:
+            raise ValueError(
+                f"objectives.masked_text.tie_head={str(tie).lower()}: the masked-LM head of model.text.hf_path="
+                f"{self.cfg.hf_path} is {'' if tied else 'not '}tied to its word embeddings "
+                f"(tie_word_embeddings in its config.json): set tie_head={str(tied).lower()}"
+            )
+        return head
