@@ -3,7 +3,7 @@ audio tower against the same tower trained from scratch, with all the labels and
 
 Labelled shards (audio + digit only) are built from the Free Spoken Digit Dataset
 (``../shared/data/fsdd``): every recording of the five training speakers, and a stratified tenth of
-them (the same seed each time); the held-out speaker's 500 recordings are the test split. The held-out
+them (drawn by the seed); the held-out speaker's 500 recordings are the test split. The held-out
 speaker is the pretrained run's own when its data was built by benchmarks/fsdd_benchmark.py (its
 DONE.json says which), else ``--holdout``. Then for each label fraction, ``mmssl finetune`` on the
 pretrained run's audio tower, three ways and the same number of steps:
@@ -12,9 +12,12 @@ pretrained run's audio tower, three ways and the same number of steps:
   finetune  the whole tower and the head (``finetune.layer_decay``, label smoothing)
   scratch   the same architecture from random weights (``model.audio.init_from=null``)
 
-and prints top-1 and macro-F1 on the held-out speaker as a table.
+and prints top-1 and macro-F1 on the held-out speaker as a table. ``--seeds 0,1,2``: each seed draws
+its own tenth of the labels and seeds the fine-tuning (``train.seed``); the table shows mean ± standard
+deviation. A run whose summary is already there (same folder: run, variant, fraction, steps, seed) is read,
+not trained again.
 
-    .venv/bin/python benchmarks/fsdd_finetune.py runs/fsdd/test_small/augment_s0               # ~15 min, 2 cores
+    .venv/bin/python benchmarks/fsdd_finetune.py runs/fsdd/test_small/augment_s0 --seeds 0,1,2  # ~15 min, 2 cores
     .venv/bin/python benchmarks/fsdd_finetune.py RUN --steps 4 --fractions 0.1 --variants linear   # smoke
 """
 
@@ -93,43 +96,61 @@ def build(
     return counts
 
 
-def finetune(run: Path, data: Path, run_dir: Path, variant: str, args: argparse.Namespace) -> dict:
-    """One ``mmssl finetune``; its summary's classification scores and its time."""
+def finetune(run: Path, data: Path, run_dir: Path, variant: str, seed: int, args: argparse.Namespace) -> dict:
+    """One ``mmssl finetune`` (or the summary it left before); its classification scores and its time."""
+    done = run_dir / "summary.json"
+    if done.is_file() and "eval" in (summary := json.loads(done.read_text())):
+        print(f"\n== {variant}, {data.name}: read {done}", flush=True)
+        return summary["eval"]["classification"]
     command = [
         sys.executable, "-m", "mmssl.cli", "finetune", str(run), "--tower", "audio",
         "--data", str(data / "train"), "--eval-data", str(data / "test"), "--run-dir", str(run_dir),
         "--nproc", str(args.nproc), *SETTINGS[variant],
         f"train.steps={args.steps}", f"train.ckpt_every={args.steps}", f"train.log_every={max(1, args.steps // 10)}",
         f"optim.warmup_steps={max(1, args.steps // 10)}", f"optim.micro_batch_size={args.batch}",
-        "data.eval_layout=mmssl", "train.eval_at_end=true", *args.overrides,  # fsdd_benchmark's runs skip it
+        "data.eval_layout=mmssl", "train.eval_at_end=true", f"train.seed={seed}",  # fsdd_benchmark's runs skip it
+        *args.overrides,
     ]  # fmt: skip
     print(f"\n== {variant}, {data.name}: {' '.join(command[3:])}", flush=True)
     start = time.perf_counter()
     if subprocess.run(command, cwd=REPO).returncode != 0:
         raise SystemExit(f"fine-tuning ({variant}, {data.name}) failed")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {**summary["eval"]["classification"], "seconds": round(time.perf_counter() - start, 1)}
+    print(f"{variant}, {data.name}: {time.perf_counter() - start:.0f} s", flush=True)
+    return summary["eval"]["classification"]
 
 
-def table(results: dict[tuple[str, float], dict], counts: dict[float, dict], args: argparse.Namespace) -> str:
+def table(
+    results: dict[tuple[str, float], list[dict]], counts: dict[float, dict], args: argparse.Namespace
+) -> str:
     fractions = sorted({f for _, f in results}, reverse=True)
+    seeds = (
+        f"seeds {','.join(map(str, args.seeds))}, mean ± standard deviation"
+        if len(args.seeds) > 1
+        else f"seed {args.seeds[0]}"
+    )
     labelled = {f: f"{f:.0%} labels ({counts[f]['train']})" for f in fractions}
     head = f"{'':<10}" + "".join(f"{labelled[f]:>26}" for f in fractions)
     lines = [
         "",
         f"FSDD digits from speech, held-out speaker {args.holdout!r} ({next(iter(counts.values()))['test']} "
-        f"recordings), {args.steps} steps; top-1 / macro-F1",
+        f"recordings), {args.steps} steps, {seeds}; top-1 / macro-F1",
         head,
     ]
     for v in args.variants:
-        cells = "".join(
-            f"{results[(v, f)]['top1']:>17.3f} / {results[(v, f)]['macro_f1']:.3f}"
-            if (v, f) in results
-            else f"{'-':>26}"
-            for f in fractions
-        )
+        cells = "".join(f"{cell(results.get((v, f))):>26}" for f in fractions)
         lines.append(f"{v:<10}{cells}")
     return "\n".join(lines)
+
+
+def cell(runs: list[dict] | None) -> str:
+    """``top-1 / macro-F1`` of one run, or their means ± standard deviations over seeds."""
+    if not runs:
+        return "-"
+    if len(runs) == 1:
+        return f"{runs[0]['top1']:.3f} / {runs[0]['macro_f1']:.3f}"
+    top1, f1 = (np.array([r[k] for r in runs]) for k in ("top1", "macro_f1"))
+    return f"{top1.mean():.3f}±{top1.std():.3f} / {f1.mean():.3f}±{f1.std():.3f}"
 
 
 def main() -> int:
@@ -145,7 +166,7 @@ def main() -> int:
         "--variants", default=",".join(VARIANTS), help="comma-separated: linear, finetune, scratch"
     )
     p.add_argument("--nproc", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0", help="comma-separated: label subset and fine-tuning seeds")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more overrides for every run")
     args, extra = p.parse_known_args()  # overrides may follow the options
     if any("=" not in e or e.startswith("-") for e in extra):
@@ -157,18 +178,22 @@ def main() -> int:
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if set(args.variants) - set(VARIANTS):
         raise SystemExit(f"--variants: choose from {', '.join(VARIANTS)}")
+    args.seeds = [int(x) for x in args.seeds.split(",")]
     args.holdout, leave_out = holdout_of(args.run, args.holdout)
-    results, counts = {}, {}
-    for fraction in (float(f) for f in args.fractions.split(",")):
-        data = args.out / f"data_{args.holdout}_{fraction:g}"
-        counts[fraction] = build(
-            args.fsdd, data, holdout=args.holdout, leave_out=leave_out, fraction=fraction, seed=args.seed
-        )
-        for v in args.variants:
-            run_dir = args.out / f"{args.run.name}_{v}_{fraction:g}_{args.steps}"
-            results[(v, fraction)] = finetune(args.run, data, run_dir, v, args)
+    results: dict[tuple[str, float], list[dict]] = {}
+    counts = {}
+    for seed in args.seeds:
+        for fraction in (float(f) for f in args.fractions.split(",")):
+            data = args.out / f"data_{args.holdout}_{fraction:g}_s{seed}"
+            counts[fraction] = build(
+                args.fsdd, data, holdout=args.holdout, leave_out=leave_out, fraction=fraction, seed=seed
+            )
+            for v in args.variants:
+                run_dir = args.out / f"{args.run.name}_{v}_{fraction:g}_{args.steps}_s{seed}"
+                results.setdefault((v, fraction), []).append(finetune(args.run, data, run_dir, v, seed, args))
     print(table(results, counts, args))
-    out = args.out / f"results_{args.run.name}_{args.steps}.json"
+    seeds = "-".join(map(str, args.seeds))
+    out = args.out / f"results_{args.run.name}_{args.steps}_seeds{seeds}.json"
     out.write_text(json.dumps({f"{v}@{f:g}": r for (v, f), r in results.items()}, indent=1) + "\n")
     print(f"written: {out}")
     return 0
