@@ -94,17 +94,43 @@ def mmssl(*words: str, what: str) -> None:
         raise SystemExit(f"{what} failed: {' '.join(words)}")
 
 
-def run_one(variant: str, seed: int, args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
-    """Train one variant and seed, then score it: held-out retrieval, zero-shot and linear probe (fitted
-    on train_speakers/), and retrieval on the training speakers' own recordings."""
-    wanted = settings(variant, args, data_dir, seed)
-    record = run_dir / "bench.json"
-    if args.reuse and record.is_file():
+def portable(words: list[str], data_dir: Path) -> list[str]:
+    """Settings with the shards' folder written as <data>, so a record compares across checkouts."""
+    return [w.replace(str(data_dir), "<data>") for w in words]
+
+
+def commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    return (out.stdout.strip() or "unknown") + ("+changes" if dirty else "")
+
+
+def reusable(variant: str, seed: int, places: list[Path], wanted: list[str]):
+    """The results of a finished run of these exact settings, from its run directory or --records."""
+    for record in places:
+        if not record.is_file():
+            continue
         old = json.loads(record.read_text())
         if old["settings"] == wanted:
-            print(f"== {variant} seed {seed}: reusing {run_dir}", flush=True)
+            print(f"== {variant} seed {seed}: reusing {record} (commit {old.get('commit', '?')})", flush=True)
             return old["results"]
-        print(f"== {variant} seed {seed}: {run_dir} has other settings, training again", flush=True)
+        print(f"== {variant} seed {seed}: {record} has other settings", flush=True)
+    return None
+
+
+def run_one(variant: str, seed: int, args: argparse.Namespace, data_dir: Path, run_dir: Path) -> dict:
+    """Train one variant and seed, then score it: held-out retrieval, zero-shot and linear probe (fitted
+    on train_speakers/), and retrieval on the training speakers' own recordings. With --records DIR,
+    each finished run's settings and figures are also kept there (small JSON files a later session or
+    machine can --reuse: the whole test table takes longer than one sitting)."""
+    wanted = settings(variant, args, data_dir, seed)
+    record = run_dir / "bench.json"
+    kept = args.records / f"{args.split}_{args.size}" / f"{variant}_s{seed}.json" if args.records else None
+    if args.reuse and (
+        old := reusable(variant, seed, [record, *([kept] if kept else [])], portable(wanted, data_dir))
+    ):
+        return old
     print(f"\n== {variant} seed {seed}: mmssl train {' '.join(wanted)}", flush=True)
     start = time.perf_counter()
     mmssl("train", *wanted, "--run-dir", str(run_dir), what=f"training {variant} (seed {seed})")
@@ -119,7 +145,12 @@ def run_one(variant: str, seed: int, args: argparse.Namespace, data_dir: Path, r
         json.loads((run_dir / "summary.json").read_text()),
     )
     results["train_seconds"] = round(seconds, 1)
-    record.write_text(json.dumps({"settings": wanted, "results": results}, indent=1) + "\n")
+    text = json.dumps(
+        {"settings": portable(wanted, data_dir), "commit": commit(), "results": results}, indent=1
+    )
+    for path in (record, *([kept] if kept else [])):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
     return results
 
 
@@ -228,6 +259,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--copies", type=int, default=2, help="pairings (image, caption) per training recording")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--reuse", action="store_true", help="read finished runs whose every setting matches")
+    p.add_argument(
+        "--records", type=Path, help="also keep each finished run's figures here (and --reuse them)"
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more config overrides for every run")
     args = p.parse_args()
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
