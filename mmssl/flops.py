@@ -323,13 +323,25 @@ def matmul_rate(
     return flops * per_batch / max(best, 1e-9)
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), so a cached peak is not reused on another host
+    that shares the home directory ("x86_64" alone matched an EPYC's figure on a Xeon: MFU above 100%)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def cpu_peak(
     threads: int, *, cache: Path | None = None, size: int = 1024, seconds: float = 0.5, repeats: int = 5
 ) -> float:
     """fp32 matmul FLOP/s on ``threads`` threads (:func:`matmul_rate`), measured once per machine and
     cached (the key names the method: a figure from the single-timing probe is measured again)."""
     cache = cache or Path(os.environ.get("MMSSL_CACHE", Path.home() / ".cache" / "mmssl")) / "cpu_peak.json"
-    key = f"{platform.processor() or platform.machine()}|{os.cpu_count()}|threads={threads}|n={size}|best-of"
+    key = f"{cpu_name()}|{os.cpu_count()}|threads={threads}|n={size}|best-of"
     try:
         known = json.loads(cache.read_text()) if cache.is_file() else {}
     except (OSError, ValueError):

@@ -1,12 +1,14 @@
 """The analytic FLOP count equals torch's FLOP counter on real forward+backward passes."""
 
 import json
+import os
 
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mmssl import flops
 from mmssl.config import EOT_TOKEN_ID, SOT_TOKEN_ID, apply_overrides
 from mmssl.flops import cpu_peak, gpu_peak, matmul_rate, train_flops_per_sample
 from mmssl.presets import get_preset
@@ -70,6 +72,17 @@ def test_peaks(tmp_path):
     cache.write_text('{"half-written')  # a torn file is measured again, not a crash
     assert cpu_peak(1, cache=cache, size=256, seconds=0.05) > 1e8 and json.loads(cache.read_text())
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_cached_peak_is_per_processor_model(tmp_path, monkeypatch):
+    """A home directory shared by two hosts keeps one peak per processor model, not one per architecture."""
+    cache = tmp_path / "peak.json"
+    monkeypatch.setattr(flops, "cpu_name", lambda: "Slow CPU")
+    cache.write_text(json.dumps({f"Slow CPU|{os.cpu_count()}|threads=1|n=256|best-of": 1.0}))
+    assert cpu_peak(1, cache=cache, size=256, seconds=0.05) == 1.0
+    monkeypatch.setattr(flops, "cpu_name", lambda: "Other CPU")
+    assert cpu_peak(1, cache=cache, size=256, seconds=0.05) > 1e8  # probed on this host, not read back
+    assert len(json.loads(cache.read_text())) == 2
 
 
 def test_probe_warms_up_then_takes_the_best_of_its_timed_batches():
