@@ -12,7 +12,8 @@ pretrained run's audio tower, three ways and the same number of steps:
   finetune  the whole tower and the head (``finetune.layer_decay``, label smoothing)
   scratch   the same architecture from random weights (``model.audio.init_from=null``)
 
-and prints top-1 and macro-F1 on the held-out speaker as a table. ``--seeds 0,1,2``: each seed draws
+and prints top-1 and macro-F1 on the held-out speaker as a table (also written as .md, .json and a
+bar chart .png under --out). ``--seeds 0,1,2``: each seed draws
 its own tenth of the labels and seeds the fine-tuning (``train.seed``); the table shows mean ± standard
 deviation. A run whose summary is already there (same folder: run, variant, fraction, steps, seed) is read,
 not trained again.
@@ -153,6 +154,31 @@ def cell(runs: list[dict] | None) -> str:
     return f"{top1.mean():.3f}±{top1.std():.3f} / {f1.mean():.3f}±{f1.std():.3f}"
 
 
+def plot(results: dict[tuple[str, float], list[dict]], counts: dict[float, dict], path: Path) -> None:
+    """Top-1 per variant and label fraction as grouped bars (mean, with the seeds' standard deviation)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fractions = sorted({f for _, f in results}, reverse=True)
+    variants = list(dict.fromkeys(v for v, _ in results))
+    fig, ax = plt.subplots(figsize=(2 + 1.6 * len(fractions), 3.6))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        top1 = [np.array([r["top1"] for r in results.get((v, f), [])] or [np.nan]) for f in fractions]
+        ax.bar(np.arange(len(fractions)) + i * width, [t.mean() for t in top1], width,
+               yerr=[t.std() for t in top1], label=v)  # fmt: skip
+    ax.set_xticks(np.arange(len(fractions)) + 0.4 - width / 2,
+                  [f"{f:.0%} labels ({counts[f]['train']})" for f in fractions])  # fmt: skip
+    ax.set_ylabel("top-1, held-out speaker")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="the pretrained run (e.g. runs/fsdd/test_small/augment_s0)")
@@ -191,11 +217,15 @@ def main() -> int:
             for v in args.variants:
                 run_dir = args.out / f"{args.run.name}_{v}_{fraction:g}_{args.steps}_s{seed}"
                 results.setdefault((v, fraction), []).append(finetune(args.run, data, run_dir, v, seed, args))
-    print(table(results, counts, args))
+    text = table(results, counts, args)
+    print(text)
     seeds = "-".join(map(str, args.seeds))
-    out = args.out / f"results_{args.run.name}_{args.steps}_seeds{seeds}.json"
-    out.write_text(json.dumps({f"{v}@{f:g}": r for (v, f), r in results.items()}, indent=1) + "\n")
-    print(f"written: {out}")
+    out = args.out / f"results_{args.run.name}_{args.steps}_seeds{seeds}"
+    json_, md, png = (out.with_name(f"{out.name}.{ext}") for ext in ("json", "md", "png"))
+    json_.write_text(json.dumps({f"{v}@{f:g}": r for (v, f), r in results.items()}, indent=1) + "\n")
+    md.write_text(text + "\n")
+    plot(results, counts, png)
+    print(f"written: {out}.json / .md / .png")
     return 0
 
 
