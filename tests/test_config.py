@@ -118,6 +118,26 @@ def test_contiguous_gradients_off_is_refused_where_deepspeed_skips_the_all_reduc
     resolve_ds_config(cfg(), world_size=2)
 
 
+def test_contiguous_gradients_auto_is_off_only_for_one_cpu_rank_of_zero_1_2(monkeypatch):
+    """The shipped ds_config.json leaves the buffer to mmssl: off for one CPU rank under ZeRO-1/2 (nothing
+    to reduce, only copies; test_zero checks the trajectory is unchanged), on wherever ranks reduce
+    through it, an offload forces it, ZeRO-3 or CUDA."""
+    import torch
+
+    from mmssl.ds_config import resolve_ds_config
+
+    def resolved(world: int, *overrides: str):
+        cfg = apply_overrides(get_preset("tiny"), ["data.train_shards=x", *overrides])
+        return resolve_ds_config(cfg, world_size=world)["zero_optimization"]["contiguous_gradients"]
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolved(1) is False and resolved(1, "engine.zero_stage=1") is False
+    assert resolved(2) is True and resolved(1, "engine.zero_stage=3") is True
+    assert resolved(1, "engine.offload_optimizer=true") is True
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolved(1) is True
+
+
 @pytest.mark.xfail(strict=True, reason="DeepSpeed 0.19.7 sorts CPU gradients by a type name they never have")
 def test_deepspeed_buckets_cpu_gradients_for_the_all_reduce():
     """The cause of the refusal above, kept in view: the fallback reduce of ZeRO-1/2 (no contiguous

@@ -100,6 +100,34 @@ def test_zero_variants_follow_the_same_trajectory(gloo, reference, demo_shards, 
         )
 
 
+def test_one_cpu_rank_trains_the_same_without_the_contiguous_buffer(gloo, demo_shards, tmp_path):
+    """ds_config.json's contiguous_gradients "auto" turns ZeRO-2's gradient buffer off for one CPU rank
+    (its copies are the only thing it does there): the losses and the trained weights are those of the
+    buffer on, with gradient accumulation and every masked objective."""
+    on = json.loads((REPO / "ds_config.json").read_text())
+    on["zero_optimization"]["contiguous_gradients"] = True
+    (tmp_path / "on.json").write_text(json.dumps(on))
+    runs = {}
+    for name, extra in (("auto", []), ("on", [f"engine.ds_config={tmp_path / 'on.json'}"])):
+        gloo(1).run(
+            mmssl_rank,
+            [
+                "train", "--preset", "tiny_masked", "--run-dir", str(tmp_path / name), "train.steps=3",
+                "train.ckpt_every=3", f"data.train_shards={demo_shards}/train", "train.eval_at_end=false",
+                "optim.micro_batch_size=8", "optim.grad_accum_steps=2", "train.log_every=1", "data.num_workers=0",
+                "engine.zero_stage=2", *extra,
+            ],
+        )  # fmt: skip
+        ds = json.loads((tmp_path / name / "ds_config.json").read_text())
+        assert ds["zero_optimization"]["contiguous_gradients"] is (name == "on")
+        metrics = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        runs[name] = ([json.loads(line)["loss"] for line in metrics], task_state(tmp_path / name)[0])
+    (losses, weights), (losses_on, weights_on) = runs["auto"], runs["on"]
+    assert len(losses) == 3 and losses == pytest.approx(losses_on, rel=1e-6)
+    for key, value in weights.items():
+        assert torch.allclose(value, weights_on[key], rtol=1e-5, atol=1e-7), key
+
+
 def test_bf16_trains(gloo, demo_shards, tmp_path):
     """bf16 (~100x slower on this CPU, so a short run) trains and stays finite."""
     rows = train(gloo, tmp_path / "bf16", demo_shards, "engine.precision=bf16", "train.steps=2")
