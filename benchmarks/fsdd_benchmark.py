@@ -330,7 +330,7 @@ def main() -> int:
         print(f"the test speaker has been reported {len(before)} time(s) before (see {log})")
         with log.open("a") as f:
             f.write(json.dumps({"time": time.strftime("%F %T"), "args": vars(args) | {"fsdd": str(args.fsdd),
-                                "out": str(args.out)}}) + "\n")  # fmt: skip
+                                "out": str(args.out)}}, default=str) + "\n")  # fmt: skip
     print(f"written: {args.out / f'results_{name}'}.md / .json / .png")
     return 0
 
