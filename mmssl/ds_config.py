@@ -102,6 +102,10 @@ def resolve_ds_config(cfg: RunConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
+def optimizer_offloaded(zero: dict[str, Any]) -> bool:
+    return zero.get("offload_optimizer", {}).get("device", "none") != "none"
+
+
 def resolve_contiguous_gradients(zero: dict[str, Any], stage: int, world_size: int) -> None:
     """``"contiguous_gradients": "auto"`` (the shipped ds_config.json): off where one CPU rank runs ZeRO-1/2
     with nothing to reduce, since the buffer then only copies every gradient twice in backward (into the
@@ -110,7 +114,7 @@ def resolve_contiguous_gradients(zero: dict[str, Any], stage: int, world_size: i
     through it. An explicit true or false is kept."""
     if zero.get("contiguous_gradients") != "auto":
         return
-    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    offloaded = optimizer_offloaded(zero)
     one_cpu_rank = world_size == 1 and not torch.cuda.is_available() and not offloaded
     zero["contiguous_gradients"] = not (stage in (1, 2) and one_cpu_rank)
 
@@ -122,7 +126,7 @@ def check_cpu_gradient_reduce(zero: dict[str, Any], stage: int, world_size: int,
     the like; a CPU tensor's type is "torch.FloatTensor", so every bucket is empty, nothing is
     all-reduced, and each rank steps its partition on its own gradient. An optimizer offload forces
     the buffer on, and one rank has nothing to reduce."""
-    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    offloaded = optimizer_offloaded(zero)
     if (
         stage in (1, 2) and world_size > 1 and not torch.cuda.is_available() and not offloaded
         and zero.get("contiguous_gradients", True) is False
