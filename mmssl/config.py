@@ -5,28 +5,45 @@ preset function (``mmssl/presets.py``) and changed with dotted overrides (``opti
 :func:`apply_overrides` parses against the field types. User mistakes raise ``ValueError`` naming the
 field; ``assert`` is kept for programmer invariants.
 
-Two sections live in their own modules and are re-exported here (import every config from here):
-the objectives (``objectives.*``, ``mmssl/objectives_config.py``) and fine-tuning (``finetune``,
-``mmssl/finetune_config.py``). Neither imports this module back.
+Four parts live in modules of their own and are re-exported here (import every config from here): the
+towers (``model.*``, ``mmssl/model_config.py``), the objectives (``objectives.*``,
+``mmssl/objectives_config.py``), fine-tuning (``finetune``, ``mmssl/finetune_config.py``) and the
+overrides and JSON form (``mmssl/config_io.py``). None of them imports this module back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-from data_pipelines.remote import credentials, mask
 from data_pipelines.specs import AudioAugment, ImageAugment
 from mmssl.config_checks import MODALITIES
 from mmssl.config_checks import positive as _positive
+from mmssl.config_io import (  # noqa: F401 (re-exported: overrides and the JSON form live there)
+    SAVED_BEFORE,
+    apply_overrides,
+    from_dict,
+    save_json,
+    to_dict,
+    url_credentials,
+    with_saved_before,
+)
 from mmssl.finetune_config import FinetuneConfig
+from mmssl.model_config import (  # noqa: F401 (re-exported: the towers' configs live there)
+    EOT_TOKEN_ID,
+    MASK_TOKEN_ID,
+    SOT_TOKEN_ID,
+    AudioTowerConfig,
+    ImageTowerConfig,
+    ModelConfig,
+    TextKind,
+    TextTowerConfig,
+    TimmKwargs,
+    TowerKind,
+)
 from mmssl.objectives_config import (  # noqa: F401 (re-exported: the objectives' configs live there)
     ContrastiveConfig,
     ContrastiveKind,
@@ -39,189 +56,6 @@ from mmssl.objectives_config import (  # noqa: F401 (re-exported: the objectives
     ViewConfig,
     ViewsConfig,
 )
-
-# open_clip's BPE tokenizer: ids 0 (padding) .. 49407 (end of text); one more id serves as [MASK]
-SOT_TOKEN_ID, EOT_TOKEN_ID, MASK_TOKEN_ID = 49406, 49407, 49408
-
-
-TowerKind = Literal["native", "timm"]
-TextKind = Literal["native", "hf"]
-# constructor arguments given to timm.create_model as they are (e.g. {"embed_dim": 192, "depth": 4})
-TimmKwargs = dict[str, int | float | str | bool]
-
-
-@dataclass(kw_only=True)
-class ImageTowerConfig:
-    """A ViT over square patches of an RGB image: mmssl's own (``kind=native``) or any timm model
-    (``kind=timm``, the ``towers`` extra), whose own shape then replaces patch_size/width/depth/heads."""
-
-    kind: TowerKind = "native"
-    timm_name: str = ""  # kind=timm: a timm model name, built with pretrained=False (weights: init_from)
-    timm_kwargs: TimmKwargs = field(default_factory=dict)
-    image_size: int = 32
-    patch_size: int = 8
-    width: int = 64
-    depth: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    grad_checkpointing: bool = (
-        False  # recompute block activations in backward (less memory, ~1/3 more compute)
-    )
-
-    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
-    # mmssl/pretrained.py), overriding model.init_from for it
-    init_from: str | None = None
-    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
-    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
-
-    def validate(self, path: str) -> None:
-        _check_lock(self, path)
-        if self.kind == "timm":
-            _positive(self, path, "image_size")
-            _check_timm(self, path)
-            return
-        _positive(self, path, "image_size", "patch_size", "width", "depth", "heads")
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"{path}.image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
-            )
-        _heads_divide(self, path)
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-
-@dataclass(kw_only=True)
-class TextTowerConfig:
-    """A transformer over open_clip BPE tokens, pooled at the end-of-text token (``kind=native``), or a
-    local Hugging Face encoder with its own tokenizer (``kind=hf``, the ``towers`` extra), pooled at its
-    first token or as the mean of its tokens; then only context_length (the tokenizer's padded length)
-    and the settings below hf_path apply of the native ones."""
-
-    kind: TextKind = "native"
-    hf_path: str = ""  # kind=hf: a local model directory (config, tokenizer, weights); nothing is downloaded
-    pooler: Literal["cls", "mean"] = "cls"  # kind=hf: the first token's features, or the mean over tokens
-    context_length: int = 16
-    vocab_size: int = 49409  # open_clip's 49408 BPE ids and one [MASK] id for masked language modelling
-    width: int = 64
-    depth: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    causal: bool = True  # CLIP-style causal attention; bidirectional towers serve masked language modelling
-    grad_checkpointing: bool = False
-    # BERT-style dropout on attention weights and on each block's residual branches (training only);
-    # SimCSE's text views (objectives.views.text) are two passes that differ only in it
-    dropout: float = 0.0
-
-    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
-    # mmssl/pretrained.py), overriding model.init_from for it
-    init_from: str | None = None
-    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
-    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
-
-    def validate(self, path: str) -> None:
-        _check_lock(self, path)
-        if self.kind == "hf":
-            _positive(self, path, "context_length")
-            if not self.hf_path:
-                raise ValueError(
-                    f"{path}.hf_path must name a local Hugging Face model directory ({path}.kind=hf)"
-                )
-            return
-        _positive(self, path, "context_length", "vocab_size", "width", "depth", "heads")
-        _heads_divide(self, path)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"{path}.dropout must be in [0, 1), got {self.dropout}")
-
-
-@dataclass(kw_only=True)
-class AudioTowerConfig:
-    """A transformer over patches of a log-mel spectrogram; the mel settings are its input contract.
-    ``kind=timm`` makes it an AST-style timm ViT over the same log-mel (one input channel, patches of
-    patch_freq x patch_time), whose own width/depth/heads replace the ones below."""
-
-    kind: TowerKind = "native"
-    timm_name: str = ""  # kind=timm: a timm ViT name (e.g. vit_base_patch16_224), built with pretrained=False
-    timm_kwargs: TimmKwargs = field(default_factory=dict)
-    sample_rate: int = 16000
-    clip_seconds: float = 2.0
-    n_fft: int = 400
-    hop_length: int = 160
-    n_mels: int = 32
-    patch_freq: int = 16
-    patch_time: int = 16
-    width: int = 64
-    depth: int = 2
-    heads: int = 2
-    mlp_ratio: float = 4.0
-    grad_checkpointing: bool = False
-
-    # start this tower from existing weights (a run, checkpoint, export or open_clip file; see
-    # mmssl/pretrained.py), overriding model.init_from for it
-    init_from: str | None = None
-    lock: bool = False  # LiT: freeze the tower except its last unlocked_groups layer groups
-    unlocked_groups: int = 0  # counted from the head: projection, last block + final norm, ...
-
-    def validate(self, path: str) -> None:
-        _check_lock(self, path)
-        _positive(self, path, "sample_rate", "clip_seconds", "n_fft", "hop_length", "n_mels")
-        if self.kind == "timm":
-            _positive(self, path, "patch_freq", "patch_time")
-            _check_timm(self, path)
-        else:
-            _positive(self, path, "patch_freq", "patch_time", "width", "depth", "heads")
-        if self.n_mels % self.patch_freq:
-            raise ValueError(f"{path}.n_mels={self.n_mels} is not a multiple of patch_freq={self.patch_freq}")
-        if self.n_frames < self.patch_time:
-            raise ValueError(
-                f"{path}: {self.n_frames} spectrogram frames are fewer than patch_time={self.patch_time}"
-            )
-        if self.kind == "native":
-            _heads_divide(self, path)
-
-    @property
-    def clip_samples(self) -> int:
-        return round(self.sample_rate * self.clip_seconds)
-
-    @property
-    def n_frames(self) -> int:
-        # torchaudio's MelSpectrogram(center=True) yields clip_samples // hop + 1 frames
-        return self.clip_samples // self.hop_length + 1
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """Patches along (frequency, time); trailing frames that do not fill a patch are dropped."""
-        return self.n_mels // self.patch_freq, self.n_frames // self.patch_time
-
-
-@dataclass(kw_only=True)
-class ModelConfig:
-    """Towers that map each modality into one shared embedding space; a tower set to None is off."""
-
-    embed_dim: int = 64
-    image: ImageTowerConfig | None = field(default_factory=ImageTowerConfig)
-    text: TextTowerConfig | None = field(default_factory=TextTowerConfig)
-    audio: AudioTowerConfig | None = field(default_factory=AudioTowerConfig)
-    # start every tower the source holds from existing weights (mmssl/pretrained.py): a run directory,
-    # checkpoint or export of mmssl, or an open_clip checkpoint file (.pt/.bin/.safetensors)
-    init_from: str | None = None
-    # refuse a source whose keys or shapes do not match (weights that would silently stay random)
-    init_strict: bool = True
-
-    def validate(self, path: str = "model") -> None:
-        _positive(self, path, "embed_dim")
-        towers = self.modalities
-        if len(towers) < 2:
-            raise ValueError(
-                f"{path}: at least two towers are needed for contrastive alignment, got {towers}"
-            )
-        for name in towers:
-            getattr(self, name).validate(f"{path}.{name}")
-
-    @property
-    def modalities(self) -> tuple[str, ...]:
-        return tuple(m for m in MODALITIES if getattr(self, m) is not None)
 
 
 @dataclass(kw_only=True)
@@ -509,236 +343,9 @@ class RunConfig:
             )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Validation helpers
-
-
-def _check_lock(cfg: Any, path: str) -> None:
-    if cfg.unlocked_groups < 0:
-        raise ValueError(f"{path}.unlocked_groups must be >= 0, got {cfg.unlocked_groups}")
-    if cfg.unlocked_groups and not cfg.lock:
-        raise ValueError(f"{path}.unlocked_groups={cfg.unlocked_groups} needs {path}.lock=true")
-    if cfg.kind != "native":  # a foreign trunk is one group: locked whole (0) or with the projection open (1)
-        if cfg.unlocked_groups > 1:
-            raise ValueError(
-                f"{path}.unlocked_groups={cfg.unlocked_groups}: a {path}.kind={cfg.kind} tower locks as "
-                "two groups (its trunk, then the projection): use 0 or 1"
-            )
-        return
-    if cfg.unlocked_groups > cfg.depth + 2:
-        raise ValueError(
-            f"{path}.unlocked_groups={cfg.unlocked_groups} exceeds the tower's {cfg.depth + 2} groups "
-            "(embeddings, one per block, projection)"
-        )
-
-
-def _check_timm(cfg: Any, path: str) -> None:
-    """The settings of a timm tower that can be checked without timm (mmssl.encoders.check_towers
-    checks the name and builds the model). An audio tower's patches are patch_freq x patch_time."""
-    if not cfg.timm_name:
-        raise ValueError(
-            f"{path}.timm_name must name a timm model ({path}.kind=timm), e.g. vit_small_patch16_224"
-        )
-    audio = isinstance(cfg, AudioTowerConfig)
-    for key in ("pretrained", "num_classes", "img_size", "in_chans") + (("patch_size",) if audio else ()):
-        if key in cfg.timm_kwargs:
-            raise ValueError(
-                f"{path}.timm_kwargs.{key} is set by mmssl (see the tower's docstring), not here"
-            )
-
-
-def _heads_divide(cfg: Any, path: str) -> None:
-    if cfg.width % cfg.heads:
-        raise ValueError(f"{path}.width={cfg.width} is not divisible by heads={cfg.heads}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Dotted overrides and (de)serialisation
-
-
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``a.b.c=value`` strings in order. Values parse as JSON where they can (numbers, true/false,
-    null, lists), else as plain strings; each is checked against the field's declared type."""
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} is not of the form key=value (for example optim.lr=3e-4)")
-        dotted, raw = item.split("=", 1)
-        *parents, leaf = dotted.strip().split(".")
-        node: Any = cfg
-        walked = []
-        one_key = bool(parents) and _is_mapping_field(cfg, parents)
-        if one_key:  # mapping.key=value sets one key of a mapping field (mapping={...} replaces it)
-            *parents, leaf, key = dotted.strip().split(".")
-            dotted, raw = ".".join([*parents, leaf]), json.dumps({key: _parse_value(raw)})
-        for part in parents:
-            walked.append(part)
-            if not dataclasses.is_dataclass(node) or part not in _field_names(node):
-                raise ValueError(f"unknown config field {'.'.join(walked)!r} in override {item!r}")
-            child = getattr(node, part)
-            if child is None:  # switch a tower that is off back on, with its defaults
-                child = _dataclass_type(_field_types(node)[part])()
-                setattr(node, part, child)
-            node = child
-        if not dataclasses.is_dataclass(node) or leaf not in _field_names(node):
-            raise ValueError(f"unknown config field {dotted!r} in override {item!r}")
-        tp = _field_types(node)[leaf]
-        try:
-            value = _coerce(tp, _parse_value(raw), dotted)
-        except ValueError as first:
-            try:
-                value = _coerce(tp, raw, dotted)  # a string field given something that looks like JSON
-            except ValueError:
-                raise first from None
-        if one_key:
-            value = {**getattr(node, leaf), **value}
-        setattr(node, leaf, value)
-    return cfg
-
-
-def _is_mapping_field(cfg: Any, parts: list[str]) -> bool:
-    """Whether the dotted path ``parts`` names a field of mapping type (``dict[str, ...]``)."""
-    node: Any = cfg
-    for part in parts[:-1]:
-        if not dataclasses.is_dataclass(node) or part not in _field_names(node):
-            return False
-        node = getattr(node, part)
-    if node is None or not dataclasses.is_dataclass(node) or parts[-1] not in _field_names(node):
-        return False
-    return typing.get_origin(_field_types(node)[parts[-1]]) is dict
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
-    """Build a config dataclass from plain data (the inverse of :func:`to_dict`), type-checking leaves."""
-    types_ = _field_types(cls)
-    unknown = set(data) - set(types_)
-    if unknown:
-        raise ValueError(f"unknown config field {(path + '.' if path else '') + sorted(unknown)[0]!r}")
-    kwargs = {
-        name: _coerce(types_[name], value, f"{path}.{name}" if path else name) for name, value in data.items()
-    }
-    return cls(**kwargs)
-
-
-def save_json(cfg: RunConfig, path: str | Path) -> None:
-    """Written to a temporary file and renamed: a rank reading it (another node's launcher may be
-    writing the same file) never sees half of one. A URL's user:password part is written as ***."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(mask(json.dumps(to_dict(cfg), indent=2)) + "\n")
-    os.replace(tmp, path)
-
-
-def url_credentials(cfg: RunConfig) -> dict[str, str]:
-    """{masked URL start: the real one} for each URL in the config with a user:password part, so that
-    ranks reading a saved (masked) config.json get them back from their launcher's environment."""
-    return credentials(json.dumps(to_dict(cfg)))
-
-
-# Settings added after runs were saved without them, with the value those runs trained with (a new run's
-# default may differ): a saved config.json that lacks one rebuilds the model it was trained as.
-SAVED_BEFORE: dict[str, Any] = {"objectives.masked_text.tie_head": False}
-
-
-def with_saved_before(data: dict[str, Any]) -> dict[str, Any]:
-    """A saved config's plain data with each :data:`SAVED_BEFORE` setting it lacks filled in (in place)
-    wherever its parent section is present."""
-    for dotted, value in SAVED_BEFORE.items():
-        *parents, name = dotted.split(".")
-        node: Any = data
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict):
-            node.setdefault(name, value)
-    return data
-
-
 def load_json(path: str | Path, credentials: dict[str, str] | None = None) -> RunConfig:
     """A config.json written by :func:`save_json`, by this version or an earlier one (see SAVED_BEFORE)."""
     text = Path(path).read_text()
     for masked, real in (credentials or {}).items():
         text = text.replace(masked, real)
     return from_dict(RunConfig, with_saved_before(json.loads(text)))
-
-
-def _field_names(obj: Any) -> set[str]:
-    return {f.name for f in dataclasses.fields(obj)}
-
-
-def _field_types(cls_or_obj: Any) -> dict[str, Any]:
-    cls = cls_or_obj if isinstance(cls_or_obj, type) else type(cls_or_obj)
-    return typing.get_type_hints(cls)
-
-
-def _dataclass_type(tp: Any) -> type:
-    for arg in typing.get_args(tp) or (tp,):
-        if dataclasses.is_dataclass(arg):
-            return arg
-    raise AssertionError(f"{tp} holds no dataclass")
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError:
-        return raw
-
-
-def _coerce(tp: Any, value: Any, path: str) -> Any:
-    """Check ``value`` against type ``tp`` and convert where it is lossless (int -> float, list -> tuple)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(arg, value, path)
-            except ValueError as e:
-                errors.append(str(e))
-        raise ValueError(errors[0] if errors else f"{path} cannot be {value!r}")
-    if origin is Literal:
-        if value not in args:
-            raise ValueError(f"{path} must be one of {list(args)}, got {value!r}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"{path} must be a list, got {value!r}")
-        item_tp = args[0] if args else Any
-        return tuple(_coerce(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f'{path} must be a mapping, e.g. {{"key": value}}, got {value!r}')
-        key_tp, value_tp = args
-        return {_coerce(key_tp, k, path): _coerce(value_tp, v, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{path} must be a mapping of fields, got {value!r}")
-        return from_dict(tp, value, path)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{path} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path} must be a string, got {value!r}")
-        return value
-    raise AssertionError(f"unsupported config type {tp} at {path}")

@@ -201,27 +201,42 @@ def test_resuming_with_the_other_head_is_refused(tmp_path):
     check_same_head(cfg, tmp_path / "config.json")
 
 
-def test_objectives_configs_live_apart_and_are_re_exported():
-    """mmssl/objectives_config.py holds the objectives' configs; every one is still importable from
-    mmssl.config (the same class), and the module imports nothing of mmssl but the shared leaf (no
-    import circle with mmssl.config)."""
-    import dataclasses
+@pytest.mark.parametrize(
+    "leaf, expected, imports",
+    [
+        ("objectives_config", ["ObjectivesConfig", "DistillConfig", "ContrastiveKind"], ["config_checks"]),
+        ("model_config", ["ModelConfig", "AudioTowerConfig", "EOT_TOKEN_ID", "TowerKind"], ["config_checks"]),
+        ("config_io", ["apply_overrides", "save_json", "from_dict", "SAVED_BEFORE"], []),
+    ],
+)
+def test_config_parts_live_apart_and_are_re_exported(leaf, expected, imports):
+    """Each part of the config tree kept in its own module (the objectives, the towers, the overrides and
+    JSON form) is still importable from mmssl.config (the same object, every public name the module
+    defines), and the module imports nothing of mmssl but the shared leaf (no import circle)."""
+    import ast
+    import importlib
     import subprocess
     import sys
+    from pathlib import Path
 
     import mmssl.config
-    import mmssl.objectives_config
 
-    moved = [
-        name
-        for name, obj in vars(mmssl.objectives_config).items()
-        if dataclasses.is_dataclass(obj) and obj.__module__ == "mmssl.objectives_config"
-    ]
-    assert "ObjectivesConfig" in moved and "DistillConfig" in moved and len(moved) >= 9
-    for name in [*moved, "ContrastiveKind"]:
-        assert getattr(mmssl.config, name) is getattr(mmssl.objectives_config, name), name
+    module = importlib.import_module(f"mmssl.{leaf}")
+    own = set()  # every public name the module's own top level defines (not the ones it imports)
+    for node in ast.parse(Path(module.__file__).read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [getattr(node, "target", node)]
+        for target in targets:
+            names = (
+                [e.id for e in target.elts]
+                if isinstance(target, ast.Tuple)
+                else [getattr(target, "id", getattr(target, "name", None))]
+            )
+            own |= {n for n in names if n and not n.startswith("_") and n != "C"}  # C: config_io's TypeVar
+    assert set(expected) <= set(own)
+    for name in own:
+        assert getattr(mmssl.config, name) is getattr(module, name), name
     loaded = subprocess.run(
-        [sys.executable, "-c", "import sys, mmssl.objectives_config; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mmssl'))"],
+        [sys.executable, "-c", f"import sys, mmssl.{leaf}; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mmssl'))"],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
-    assert loaded == str(["mmssl", "mmssl.config_checks", "mmssl.objectives_config"])
+    assert loaded == str(sorted(["mmssl", *(f"mmssl.{m}" for m in [*imports, leaf])]))
