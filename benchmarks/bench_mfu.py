@@ -13,7 +13,8 @@ only (``small``, ``model.audio=null``).
     .venv/bin/python benchmarks/bench_mfu.py                      # ~15 min on 2 cores
     .venv/bin/python benchmarks/bench_mfu.py --rounds 1 --steps 20  # a quick look
 
-Targets on this CPU: small >= 40% MFU; trimodal + masked step time <= plain unmasked CLIP step time.
+Targets: small preset MFU >= 70% of the probed matmul peak on 2 ranks; the trimodal + masked step <= 0.6x
+the plain trimodal step (FLIP reports 2-3x from masking). ``profile_step.py`` shows where the time goes.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ CONFIGS = {
     "small image-text CLIP": ("small", ["model.audio=null"]),
     "small_masked (trimodal + masked)": ("small_masked", []),
 }
-MFU_TARGET = 0.40
+MFU_TARGET = 0.70
+MASKED_TARGET = 0.6  # small_masked's step over small's (trimodal, unmasked)
 
 
 def steady_rows(
@@ -162,11 +164,11 @@ def main() -> None:
     print(
         f"\nsmall preset MFU {small_mfu:.1%} (target >= {MFU_TARGET:.0%}: {'met' if small_mfu >= MFU_TARGET else 'missed'})"
     )
-    for base in ("small", "small image-text CLIP"):
-        ratio = masked / table[base]["ms_per_step"]
-        print(
-            f"trimodal + masked step / {base} step = {ratio:.2f} (target <= 1.0: {'met' if ratio <= 1 else 'missed'})"
-        )
+    ratio = masked / table["small"]["ms_per_step"]
+    verdict = "met" if ratio <= MASKED_TARGET else "missed"
+    print(f"trimodal + masked step / small step = {ratio:.2f} (target <= {MASKED_TARGET}: {verdict})")
+    ratio = masked / table["small image-text CLIP"]["ms_per_step"]
+    print(f"trimodal + masked step / small image-text CLIP step = {ratio:.2f}")
     plot(table, out / "mfu.png")
     (out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "table": table}, indent=2)

@@ -11,7 +11,9 @@ user runs it (its defaults). Printed: steady-state samples/s of each over the me
 trainer's own log, open_clip's at full precision through ``open_clip_timed.py``; start-up and warm-up
 excluded), the ratio mmssl/open_clip per repeat and its median at equal work (target >= 1.3) and as users
 run them, the same ratio of samples per CPU second (a busy machine disturbs it less), each side's MFU from
-mmssl.flops' FLOP count and peak, and the differences that remain at equal work.
+mmssl.flops' FLOP count and peak, and the differences that remain at equal work, each with its cost per
+step on each side: attention and the optimizer timed in this process on CPU (``open_clip_differences.py``),
+the loader from each trainer's data wait in its runs; their sum is set against the measured gap.
 
 The baseline runs in a virtualenv of its own, created here on first use and reused after: the torch,
 torchvision and open_clip_torch pins of pyproject.toml plus webdataset 0.2.86 (open_clip_train breaks
@@ -50,6 +52,9 @@ from typing import Any
 
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import open_clip_differences as differences  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 TARGET = 1.3
 # what open_clip_train needs besides the project's own pins (see ../shared/STACK.md)
@@ -59,7 +64,7 @@ BASELINE_PINNED = ("torch", "torchvision", "open_clip_torch")
 # always runs the full context) and no ZeRO (nothing to partition on one rank; open_clip has no such
 # layer); the crop (RandomResizedCrop, scale 0.9-1.0) is both sides' default already
 EQUAL_WORK = ("data.trim_text=false", "engine.zero_stage=0")
-# what still differs at equal work: not measured one by one here (each needs a trainer changed)
+# what still differs at equal work (each timed in one process by open_clip_differences.py; the loader from the runs)
 DIFFERENCES = (
     "attention: mmssl calls scaled_dot_product_attention (fused kernels), open_clip's towers call "
     "nn.MultiheadAttention",
@@ -569,6 +574,40 @@ def _peak(settings: dict[str, Any]) -> str:
     return f"{peak / 1e9:.1f} GFLOP/s, {settings.get('peak_source')}" if peak else "unknown"
 
 
+def difference_line(row: dict[str, Any]) -> str:
+    return (f"    {row['name']:<10} open_clip {row['open_clip_ms']:7.1f}  mmssl {row['mmssl_ms']:7.1f}  "
+            f"difference {row['open_clip_ms'] - row['mmssl_ms']:+7.1f}  ({row['what']})")  # fmt: skip
+
+
+def print_differences(r: dict[str, Any], batch: int) -> None:
+    """Each remaining difference's cost per step on each side, and their sum against the measured gap."""
+    d = r["summary"]
+    gap = 1000 * batch * (1 / d["median_open_clip"] - 1 / d["median_mmssl"])
+    wait = {  # the loader's part of a step: each measured run's data-wait share of its step, median
+        trainer: statistics.median(x["data_wait"] * 1000 * batch / x["samples_per_s"] for x in r["runs"]
+                                   if x["trainer"] == trainer and isinstance(x["repeat"], int))
+        for trainer in ("open_clip", "mmssl")
+    }  # fmt: skip
+    rows = [*r.get("differences", []), {"name": "loader", "open_clip_ms": wait["open_clip"], "mmssl_ms": wait["mmssl"],
+                                        "what": "time each trainer waited for data, from its runs above"}]  # fmt: skip
+    print(f"  equal-work step: open_clip {1000 * batch / d['median_open_clip']:.1f} ms, mmssl "
+          f"{1000 * batch / d['median_mmssl']:.1f} ms; mmssl shorter by {gap:.1f} ms. What differs, ms per step:")  # fmt: skip
+    for row in rows:
+        print(difference_line(row))
+    explained = sum(row["open_clip_ms"] - row["mmssl_ms"] for row in rows)
+    print(
+        f"    sum {explained:+.1f} ms of the {gap:.1f} ms gap; the rest is everything else in each trainer's step"
+    )
+
+
+def print_differences_only(args: argparse.Namespace) -> None:
+    print(f"batch {args.batch}, {args.threads} thread(s); ms per step, medians of 10 after 3 warm-ups")
+    for name in args.models:
+        print(f"{name}:")
+        for row in differences.measure(ARCHS[name](args.context_length), args.batch, args.threads):
+            print(difference_line(row))
+
+
 def print_report(results: dict[str, Any]) -> None:
     m, s = results["machine"], results["settings"]
     print(
@@ -630,9 +669,10 @@ def print_report(results: dict[str, Any]) -> None:
             f"open_clip_train (MFU {_num(d['median_mfu_mmssl_defaults'], '.1%')}, trimmed FLOPs counted); "
             f"the defaults' effect on mmssl: {d['median_mmssl_defaults'] / d['median_mmssl']:.2f}x"
         )
+        print_differences(r, s["batch"])
     print(
         f"\nMFU: samples/s x training FLOPs per sample (mmssl.flops; open_clip's model counted as mmssl's at equal "
-        f"work) / peak ({_peak(results['settings'])}). Remaining differences at equal work (not measured one by one):"
+        f"work) / peak ({_peak(results['settings'])}). Remaining differences at equal work, timed above:"
     )
     for difference in DIFFERENCES:
         print(f"  - {difference}")
@@ -698,6 +738,10 @@ def parse_args() -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--no-install", action="store_true", help="never create the baseline's environment")
     p.add_argument("--setup-only", action="store_true", help="create the baseline's environment and stop")
+    p.add_argument(
+        "--differences-only", action="store_true",
+        help="only time the remaining differences in this process (open_clip_differences.py) and stop",
+    )  # fmt: skip
     args = p.parse_args()
     for name in ("warmup", "steps", "sweep_steps"):
         value = getattr(args, name)
@@ -870,6 +914,9 @@ def run_models(
             record(run_mmssl(name, a, args, mine, k, out, args.steps, defaults=True))
         r["summary"] = summarise([x for x in runs if x.model == name])
     bar.close()
+    if args.device == "cpu":
+        for name, a in archs.items():
+            per_model[name]["differences"] = differences.measure(a, args.batch, args.threads)
 
 
 def describe_settings(
@@ -924,6 +971,9 @@ def main() -> None:
     venv = args.venv if args.venv.is_absolute() else REPO / args.venv
     if args.setup_only:
         print(f"open_clip_train's environment: {baseline_python(venv).parent.parent}")
+        return
+    if args.differences_only:
+        print_differences_only(args)
         return
     out, ds_config = prepare(args)
     python = baseline_python(venv, install=not args.no_install)
