@@ -601,7 +601,10 @@ def print_differences(r: dict[str, Any], batch: int) -> None:
 
 
 def print_differences_only(args: argparse.Namespace) -> None:
-    print(f"batch {args.batch}, {args.threads} thread(s); ms per step, medians of 10 after 3 warm-ups")
+    print(
+        f"batch {args.batch}, {args.threads} thread(s); ms per step, medians of {differences.REPS} after "
+        f"{differences.WARMUP} warm-ups"
+    )
     for name in args.models:
         print(f"{name}:")
         for row in differences.measure(ARCHS[name](args.context_length), args.batch, args.threads):

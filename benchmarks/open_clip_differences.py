@@ -12,7 +12,7 @@ here on the same model shapes, batch and threads, as milliseconds per training s
   DeepSpeed's engine wraps mmssl's, and its own bookkeeping is not in this figure.
 
 The loader's effect comes from the trainers' own runs (each one's data-wait share of its step), and bf16
-handling only exists on CUDA (``gpu_check.sh``). Medians of ``reps`` timed repetitions after 3 warm-ups.
+handling only exists on CUDA (``gpu_check.sh``). Medians of ``REPS`` timed repetitions after ``WARMUP`` untimed ones.
 Imported by ``bench_vs_open_clip.py``, which also runs it alone:
 
     .venv/bin/python benchmarks/bench_vs_open_clip.py --differences-only --models small
@@ -27,9 +27,11 @@ from typing import Any
 
 import torch
 
+REPS, WARMUP = 10, 3  # timed repetitions (their median is reported) after untimed ones
 
-def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
+
+def median_ms(fn: Callable[[], object], reps: int = REPS) -> float:
+    for _ in range(WARMUP):
         fn()
     times = []
     for _ in range(reps):
@@ -40,18 +42,16 @@ def median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
 
 
 def trunk_pair(width: int, depth: int, heads: int, causal: bool) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """open_clip's batch-first Transformer and a copy whose attention is mmssl's SelfAttention."""
-    import copy
-
+    """open_clip's batch-first Transformer and mmssl's build of it (SelfAttention in every block), each
+    initialised as open_clip initialises it from the same seed."""
     from open_clip.transformer import Transformer
 
-    from mmssl.encoders.attention import SelfAttention
+    from mmssl.encoders.attention import sdpa_transformer
 
+    torch.manual_seed(0)
     theirs = Transformer(width, depth, heads, 4.0, batch_first=True)
-    ours = copy.deepcopy(theirs)
-    for block in ours.resblocks:
-        block.attn = SelfAttention.adopt(block.attn, causal=causal)
-    return theirs, ours
+    torch.manual_seed(0)
+    return theirs, sdpa_transformer(width, depth, heads, 4.0, causal=causal)
 
 
 def attention_ms(arch: Any, batch: int, reps: int) -> tuple[float, float]:
@@ -96,7 +96,7 @@ def optimizer_ms(arch: Any, reps: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
-def measure(arch: Any, batch: int, threads: int, reps: int = 10) -> list[dict[str, Any]]:
+def measure(arch: Any, batch: int, threads: int, reps: int = REPS) -> list[dict[str, Any]]:
     """Each timed difference: name, open_clip's and mmssl's ms per step, and what each side does."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)

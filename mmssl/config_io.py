@@ -15,10 +15,10 @@ from typing import Any, Literal, TypeVar
 
 from data_pipelines.remote import credentials, mask
 
-C = TypeVar("C")
+_C = TypeVar("_C")
 
 
-def apply_overrides(cfg: C, overrides: list[str]) -> C:
+def apply_overrides(cfg: _C, overrides: list[str]) -> _C:
     """Apply ``a.b.c=value`` strings in order. Values parse as JSON where they can (numbers, true/false,
     null, lists), else as plain strings; each is checked against the field's declared type."""
     for item in overrides:
