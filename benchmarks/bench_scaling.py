@@ -6,13 +6,19 @@ image-text-audio shards written here; samples/s is the median of its own log row
 (the last row, which also covers the checkpoint save, left out). Scaling efficiency is samples/s of
 2 ranks x 1 thread over 1 rank x 2 threads: the same cores, split between ranks instead of between
 one rank's threads (1.0: data parallelism costs nothing over intra-op threading; target >= 0.95).
+Two more runs split the gap: the 2-rank run with ZeRO's all-reduce on gloo, and the 1-rank run with
+the contiguous gradient buffer that 2 CPU ranks must keep (``mmssl/ds_config.py``); ``--rounds N``
+alternates all four and prints medians.
 
 The all-reduce: 2 spawned ranks, 1 thread each, time an all-reduce of an fp32 tensor the size of
 the task's trainable parameters (one step's gradients), through torch.distributed on gloo (what
-ZeRO's reduction uses on CPU) and through DeepSpeed's shared-memory all-reduce
-(``deepspeed.comm.inference_all_reduce``, when its CPU op builds); median of ``--reduce-reps``.
+ZeRO's reduction used on CPU before ``engine.shm_all_reduce``) and through DeepSpeed's shared-memory
+all-reduce (its CPU comm op, when it builds: what mmssl routes ZeRO's gradients through when every rank
+is on one node); median of ``--reduce-reps``. The 2-rank layout also runs with that routing off
+(``engine.shm_all_reduce=false``), so the efficiency is printed both ways.
 
-    .venv/bin/python benchmarks/bench_scaling.py                 # small preset, ~3 min on 2 cores
+    .venv/bin/python benchmarks/bench_scaling.py                 # small preset, ~4 min on 2 cores
+    .venv/bin/python benchmarks/bench_scaling.py --rounds 3      # the README's figures, ~12 min
     .venv/bin/python benchmarks/bench_scaling.py --preset tiny --steps 10
 """
 
@@ -30,7 +36,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_mfu import REPO, steady_rows  # noqa: E402
 
 TARGET = 0.95
-LAYOUTS = {"1 rank x 2 threads": (1, 2), "2 ranks x 1 thread": (2, 1)}  # (ranks, threads per rank)
+# name: (run folder, ranks, threads per rank, overrides). The 2-rank run as shipped (ZeRO's gradient
+# all-reduce on DeepSpeed's shared-memory op) and on gloo (engine.shm_all_reduce=false); the 1-rank run as
+# shipped (no contiguous gradient buffer, which 2 CPU ranks must keep: ds_config.py) and with the buffer
+CONTIGUOUS = "1 rank x 2 threads, contiguous buffer"
+LAYOUTS = {
+    "1 rank x 2 threads": ("1x2", 1, 2, ()),
+    CONTIGUOUS: ("1x2-contiguous", 1, 2, ("engine.ds_config={contiguous}",)),
+    "2 ranks x 1 thread": ("2x1", 2, 1, ()),
+    "2 ranks x 1 thread, gloo": ("2x1-gloo", 2, 1, ("engine.shm_all_reduce=false",)),
+}
+
+
+def contiguous_config(out: Path) -> Path:
+    """The repository's ds_config.json with the contiguous gradient buffer on, whatever the rank count."""
+    ds = json.loads((REPO / "ds_config.json").read_text())
+    ds["zero_optimization"]["contiguous_gradients"] = True
+    (path := out / "ds_config_contiguous.json").write_text(json.dumps(ds, indent=2) + "\n")
+    return path
 
 
 def write_data(out: Path, image_size: int) -> Path:
@@ -41,15 +64,17 @@ def write_data(out: Path, image_size: int) -> Path:
     return out
 
 
-def train(args: argparse.Namespace, shards: Path, out: Path, ranks: int, threads: int) -> dict:
-    """One run of ``ranks`` x ``threads`` at the global batch ``args.batch``; its throughput figures."""
-    run_dir = out / f"{ranks}x{threads}"
+def train(
+    args: argparse.Namespace, shards: Path, out: Path, k: int, ranks: int, threads: int, extra: tuple
+) -> dict:
+    """Round ``k``'s run of ``ranks`` x ``threads`` at the global batch ``args.batch``; its throughput."""
+    run_dir = out / f"{ranks}x{threads}{'-gloo' if extra else ''}-{k}"
     steps = args.warmup + args.steps
     command = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", args.preset, "--nproc", str(ranks),
         "--run-dir", str(run_dir), f"data.train_shards={shards}", f"optim.micro_batch_size={args.batch // ranks}",
         f"train.steps={steps}", f"train.log_every={args.log_every}", f"train.ckpt_every={10 * steps}",
-        "train.eval_at_end=false", *args.overrides,
+        "train.eval_at_end=false", *args.overrides, *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MMSSL_CACHE": str(out / "cache")}
     log = out / f"{run_dir.name}.log"
@@ -119,6 +144,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="steps not measured (a multiple of --log-every)")
     p.add_argument("--steps", type=int, default=15, help="measured steps")
     p.add_argument("--log-every", type=int, default=5)
+    p.add_argument(
+        "--rounds", type=int, default=1, help="alternating rounds of the layouts; medians are printed"
+    )
     p.add_argument("--reduce-reps", type=int, default=10)
     p.add_argument("--out", type=Path, default=REPO / "runs" / "bench_scaling")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides for both runs")
@@ -134,22 +162,33 @@ def main() -> None:
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     shards = write_data(out / "data", cfg.model.image.image_size if cfg.model.image else 32)
+    contiguous_config(out)
     started = time.time()
-    results = {name: train(args, shards, out, *layout) for name, layout in LAYOUTS.items()}
+    rounds = [
+        {name: train(args, shards, out, k, *layout) for name, layout in LAYOUTS.items()}
+        for k in range(args.rounds)
+    ]
+    results = {
+        name: {key: statistics.median(r[name][key] for r in rounds) for key in rounds[0][name]}
+        for name in LAYOUTS
+    }
     numel = sum(p.numel() for p in Task(cfg).parameters() if p.requires_grad)
     reduce = all_reduce_seconds(numel, args.reduce_reps)
 
-    one, two = (results[name]["samples_per_s"] for name in LAYOUTS)
+    one, contiguous, two, gloo = (results[name]["samples_per_s"] for name in LAYOUTS)
     efficiency = two / one
     print(f"\n{args.preset}, global batch {args.batch}, {args.steps} measured steps after {args.warmup}, "
+          f"median of {args.rounds} alternating round(s), "
           f"fp32 CPU, load average {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
-    print(f"{'layout':<22}{'samples/s':>11}{'ms/step':>9}{'data wait':>11}")
+    print(f"{'layout':<38}{'samples/s':>11}{'ms/step':>9}{'data wait':>11}  each round's samples/s")
     for name, r in results.items():
-        print(f"{name:<22}{r['samples_per_s']:>11.1f}{1000 * args.batch / r['samples_per_s']:>9.0f}"
-              f"{r['data_wait']:>11.0%}")  # fmt: skip
+        each = " / ".join(f"{x[name]['samples_per_s']:.1f}" for x in rounds)
+        print(f"{name:<38}{r['samples_per_s']:>11.1f}{1000 * args.batch / r['samples_per_s']:>9.0f}"
+              f"{r['data_wait']:>11.0%}  {each}")  # fmt: skip
     verdict = "met" if efficiency >= TARGET else "missed"
     print(f"scaling efficiency (2 ranks x 1 thread / 1 rank x 2 threads): {efficiency:.3f} "
-          f"(target >= {TARGET}: {verdict})")  # fmt: skip
+          f"(target >= {TARGET}: {verdict}); with gloo's all-reduce instead: {gloo / one:.3f}; against the "
+          f"1-rank run with the contiguous buffer the 2 ranks keep: {two / contiguous:.3f}")  # fmt: skip
     if efficiency > 1.05:  # ranks cannot beat threads on the same cores by this much on a quiet machine
         print("  (above 1: one rank's 2 threads stall whenever the machine runs something else, as an op waits"
               " for its slowest thread; measure again on a quiet machine)")  # fmt: skip
@@ -161,8 +200,8 @@ def main() -> None:
         print(f"  {name:<14}{1000 * seconds:>8.1f} ms = {1000 * seconds / step_ms:.1%} of a 2-rank step")
     if "deepspeed shm" not in reduce:
         print("  deepspeed shm: unavailable (its CPU op did not build here)")
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "layouts": results,
-              "efficiency": efficiency, "all_reduce_seconds": reduce, "numel": numel,
+    record = {"args": {k: str(v) for k, v in vars(args).items()}, "layouts": results, "rounds": rounds,
+              "efficiency": efficiency, "efficiency_gloo": gloo / one, "efficiency_same_buffer": two / contiguous, "all_reduce_seconds": reduce, "numel": numel,
               "wall_seconds": time.time() - started}  # fmt: skip
     (out / "results.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"written: {out / 'results.json'} ({time.time() - started:.0f} s)")

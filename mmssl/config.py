@@ -171,6 +171,8 @@ class EngineConfig:
     # torch.compile every transformer trunk (towers and MAE decoders): fuses norms, activations and
     # residual adds; worth it on GPU, see the README's performance section for this CPU
     compile: bool = False
+    # CPU ranks all on one node: ZeRO's gradient all-reduce through DeepSpeed's shared-memory op, not gloo
+    shm_all_reduce: bool = True
 
     def validate(self, path: str = "engine") -> None:
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):

@@ -65,13 +65,51 @@ def init_distributed() -> DistInfo:
 
 
 def shm_all_reduce() -> Callable[[Tensor], object] | None:
-    """DeepSpeed's shared-memory all-reduce (sum, in place) of its CPU comm op, when that op built here:
-    the path its CPU backend takes on one node instead of gloo (``benchmarks/bench_scaling.py``)."""
+    """DeepSpeed's shared-memory all-reduce (sum, in place) of its CPU comm op, when that op built here
+    and joined every rank: the path its CPU backend offers on one node instead of gloo. DeepSpeed's
+    launcher says "every rank is on this node" by setting ``LOCAL_SIZE`` to the world size; the op reads
+    it when DeepSpeed's comm backend starts, and without it has no buffers to reduce through."""
     if not (hasattr(torch.ops, "deepspeed") and hasattr(torch.ops.deepspeed, "inference_all_reduce_")):
         return None
-    import deepspeed.comm as ds_comm
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if world < 2 or os.environ.get("LOCAL_SIZE") != str(world):
+        return None
+    return torch.ops.deepspeed.inference_all_reduce_
 
-    return lambda t: ds_comm.inference_all_reduce(t, op=dist.ReduceOp.SUM)
+
+_SHM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def route_cpu_all_reduce() -> bool:
+    """Send DeepSpeed's blocking SUM all-reduces of contiguous CPU fp32/bf16/fp16 tensors over all
+    ranks (ZeRO's gradient buckets, ZeRO-0's gradients, the gradient norm) through :func:`shm_all_reduce`
+    instead of gloo; anything else (other ops, subgroups, async calls, dtypes) goes to gloo as before.
+    ``benchmarks/bench_scaling.py`` times both. Once per process; returns whether the route is on."""
+    import deepspeed.comm.comm as ds_comm
+
+    backend = ds_comm.cdb
+    if backend is None or getattr(backend.all_reduce, "routes_to_shm", False):
+        return backend is not None
+    if torch.cuda.is_available() or (shm := shm_all_reduce()) is None:
+        return False
+    gloo, world, sums = backend.all_reduce, dist.get_world_size(), (ds_comm.ReduceOp.SUM, dist.ReduceOp.SUM)
+
+    def all_reduce(tensor: Tensor, op=ds_comm.ReduceOp.SUM, group=None, async_op: bool = False):
+        if (
+            not async_op
+            and op in sums
+            and tensor.device.type == "cpu"
+            and tensor.dtype in _SHM_DTYPES
+            and tensor.is_contiguous()
+            and (group is None or dist.get_world_size(group) == world)
+        ):
+            shm(tensor)
+            return None
+        return gloo(tensor, op, group, async_op)
+
+    all_reduce.routes_to_shm = True
+    backend.all_reduce = all_reduce
+    return True
 
 
 def param_groups(task: nn.Module, cfg: RunConfig) -> list[dict[str, Any]]:
@@ -193,6 +231,8 @@ class Engine:
             config=self.ds_config,
             dist_init_required=False,
         )
+        if cfg.engine.shm_all_reduce:
+            route_cpu_all_reduce()
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
         self._nonfinite: Tensor | None = None  # this window's found-non-finite flag, on the device
 

@@ -390,3 +390,67 @@ def test_activation_checkpointing_recomputes_the_blocks_in_backward():
     depth = len(task.model.image.transformer.resblocks)
     assert forward["image"] == depth and calls["image"] == 2 * depth  # recomputed in backward
     assert calls["text"] == forward["text"] > 0 and calls["audio"] == forward["audio"] > 0
+
+
+class _Weighted(torch.nn.Module):
+    """One long parameter (over the shared-memory op's 32 MiB chunk) whose gradient on rank r is
+    (r + 1) x its index: the all-reduced mean is 1.5 x the index, element by element."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(numel))
+
+    def forward(self, batch, step=0, micro=0):
+        return {"loss": (self.w * batch["weights"]).sum()}
+
+
+def _shm_worker(rank: int, port: int, numel: int) -> dict:
+    import os
+
+    from mmssl import engine
+    from mmssl.presets import get_preset
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_SIZE="2")
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    info = engine.init_distributed()  # DeepSpeed's comm backend starts here, its shm op with it
+    real, sizes = engine.shm_all_reduce(), []
+
+    def counted(tensor):
+        sizes.append(tensor.numel())
+        return real(tensor)
+
+    engine.shm_all_reduce = lambda: counted
+    cfg = get_preset("tiny")
+    cfg.engine.ds_config, cfg.engine.zero_stage = str(REPO / "ds_config.json"), 2
+    cfg.optim.warmup_steps, cfg.optim.micro_batch_size = 0, 2
+    model = engine.Engine(_Weighted(numel), cfg, info)
+    weights = (rank + 1) * torch.arange(numel, dtype=torch.float32)
+    model.backward(model({"weights": weights})["loss"])
+    grad = engine.deepspeed.utils.safe_get_full_grad(model.module.w)
+    index = torch.arange(numel, dtype=torch.float32)
+    out = {
+        "routed": engine.route_cpu_all_reduce(),
+        "sizes": sizes,
+        "error": (grad - 1.5 * index).abs().max().item(),
+    }
+    engine.dist.destroy_process_group()
+    return out
+
+
+def test_zero_gradients_all_reduce_through_shared_memory_on_one_node():
+    """With every rank on this node (LOCAL_SIZE = world size, as DeepSpeed's launcher sets it), ZeRO-2's
+    gradient all-reduce goes through DeepSpeed's shared-memory op instead of gloo, and still averages:
+    each element of the gradient is the mean of the ranks' (a wrong chunk or a missing reduce shows)."""
+    from gloo_pool import spawned
+
+    from mmssl.ranks import free_port, remove_shm_buffers
+
+    numel, port = 9_000_000, free_port()
+    try:
+        outs = spawned(_shm_worker, port, numel, nprocs=2)
+    finally:
+        remove_shm_buffers(port)
+    for out in outs:
+        assert out["routed"] and sum(out["sizes"]) >= numel, out["sizes"][:5]
+        assert out["error"] < 1e-3 * numel, out["error"]
