@@ -65,10 +65,18 @@ def write_data(out: Path, image_size: int) -> Path:
 
 
 def train(
-    args: argparse.Namespace, shards: Path, out: Path, k: int, ranks: int, threads: int, extra: tuple
+    args: argparse.Namespace,
+    shards: Path,
+    out: Path,
+    k: int,
+    folder: str,
+    ranks: int,
+    threads: int,
+    extra: tuple,
 ) -> dict:
     """Round ``k``'s run of ``ranks`` x ``threads`` at the global batch ``args.batch``; its throughput."""
-    run_dir = out / f"{ranks}x{threads}{'-gloo' if extra else ''}-{k}"
+    run_dir = out / f"{folder}-{k}"
+    extra = tuple(o.format(contiguous=out / "ds_config_contiguous.json") for o in extra)
     steps = args.warmup + args.steps
     command = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", args.preset, "--nproc", str(ranks),
