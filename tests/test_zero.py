@@ -405,6 +405,8 @@ class _Weighted(torch.nn.Module):
 
 
 def _shm_worker(rank: int, port: int, numel: int) -> dict:
+    """One of 2 fresh ranks as DeepSpeed's launcher starts them on one node: whether the route is on, the
+    sizes the shared-memory op reduced, and the gradient's largest error against the mean."""
     import os
 
     from mmssl import engine
@@ -432,7 +434,7 @@ def _shm_worker(rank: int, port: int, numel: int) -> dict:
     out = {
         "routed": engine.route_cpu_all_reduce(),
         "sizes": sizes,
-        "error": (grad - 1.5 * index).abs().max().item(),
+        "error": ((grad - 1.5 * index).abs().max() / (1.5 * numel)).item(),  # relative to the largest
     }
     engine.dist.destroy_process_group()
     return out
@@ -453,4 +455,4 @@ def test_zero_gradients_all_reduce_through_shared_memory_on_one_node():
         remove_shm_buffers(port)
     for out in outs:
         assert out["routed"] and sum(out["sizes"]) >= numel, out["sizes"][:5]
-        assert out["error"] < 1e-3 * numel, out["error"]
+        assert out["error"] < 1e-6, out["error"]  # fp32 rounding of values up to 1.35e7
