@@ -16,32 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from mmssl import engine
-from mmssl.config import RunConfig, apply_overrides
-from mmssl.presets import get_preset
-from mmssl.task import Task
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_memory import random_batch  # noqa: E402
+
+from mmssl import engine  # noqa: E402
+from mmssl.config import RunConfig, apply_overrides  # noqa: E402
+from mmssl.presets import get_preset  # noqa: E402
+from mmssl.task import Task  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("eager", "trunks", "task")
-
-
-def task_batch(cfg: RunConfig, b: int) -> dict[str, Tensor | dict[str, Tensor]]:
-    """A random batch of ``b`` samples for every tower the config has, all present."""
-    m, batch = cfg.model, {}
-    if m.image is not None:
-        batch["image"] = torch.randn(b, 3, m.image.image_size, m.image.image_size)
-    if m.text is not None:
-        batch["text"] = torch.randint(1, 1000, (b, m.text.context_length))
-    if m.audio is not None:
-        batch["audio"] = torch.randn(b, m.audio.n_mels, m.audio.n_frames)
-    batch["present"] = {k: torch.ones(b, dtype=torch.bool) for k in list(batch)}
-    return batch
 
 
 def step_ms(cfg: RunConfig, variant: str, batch: dict, steps: int, warmup: int) -> float:
@@ -77,10 +67,11 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     cfg = apply_overrides(get_preset(args.preset), args.overrides)
-    batch = task_batch(cfg, args.batch)
+    batch = random_batch(cfg, args.batch, seed=0)
     started, ms = time.time(), {v: [] for v in VARIANTS}
     for k in range(args.rounds):
-        for variant in VARIANTS[k % 3 :] + VARIANTS[: k % 3]:  # each variant first in some round
+        turn = k % len(VARIANTS)  # each variant goes first in some round
+        for variant in VARIANTS[turn:] + VARIANTS[:turn]:
             ms[variant].append(step_ms(cfg, variant, batch, args.steps, args.warmup))
             print(f"round {k + 1}/{args.rounds} {variant:<7} {ms[variant][-1]:8.1f} ms/step", flush=True)
     eager = statistics.median(ms["eager"])

@@ -76,7 +76,6 @@ def train(
 ) -> dict:
     """Round ``k``'s run of ``ranks`` x ``threads`` at the global batch ``args.batch``; its throughput."""
     run_dir = out / f"{folder}-{k}"
-    extra = tuple(o.format(contiguous=out / "ds_config_contiguous.json") for o in extra)
     steps = args.warmup + args.steps
     command = [
         sys.executable, "-m", "mmssl.cli", "train", "--preset", args.preset, "--nproc", str(ranks),
@@ -170,10 +169,14 @@ def main() -> None:
     out = args.out / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     shards = write_data(out / "data", cfg.model.image.image_size if cfg.model.image else 32)
-    contiguous_config(out)
+    contiguous = contiguous_config(out)
+    layouts = {  # the overrides with the contiguous config's path filled in
+        name: (*layout, tuple(o.format(contiguous=contiguous) for o in extra))
+        for name, (*layout, extra) in LAYOUTS.items()
+    }
     started = time.time()
     rounds = [
-        {name: train(args, shards, out, k, *layout) for name, layout in LAYOUTS.items()}
+        {name: train(args, shards, out, k, *layout) for name, layout in layouts.items()}
         for k in range(args.rounds)
     ]
     results = {
